@@ -1,0 +1,66 @@
+"""A run stopped (by SIGINT, mid-run) and resumed ends with weights bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+from safetensors.torch import load_file
+
+from helpers.runs import make_config, write_instruction_data
+from tuneforge.objectives.sft import SFTObjective
+from tuneforge.run import train
+from tuneforge.train.checkpoint import list_checkpoints
+
+
+class _InterruptAfter(SFTObjective):
+    """Sends SIGINT to this process during step `n`: the loop must finish the step, save and stop."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def step(self, model, micro_batches, autocast):
+        self.calls += 1
+        if self.calls == self.n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().step(model, micro_batches, autocast)
+
+
+def _final_weights(run, lora):
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    return load_file(str(run / "final" / name))
+
+
+def _run_with_interrupt(monkeypatch, cfg, n):
+    import tuneforge.run as run_mod
+    monkeypatch.setattr(run_mod, "make_objective", lambda method: _InterruptAfter(n))
+    res = train(cfg)
+    monkeypatch.undo()
+    return res
+
+
+def _check(tiny_model_dir, tmp_path, monkeypatch, lora):
+    data = write_instruction_data(tmp_path / "d.jsonl")
+    # LoRA dropout > 0: the resumed run must also restore the RNG to draw the same dropout masks
+    kw = dict(max_steps=7, save_every=100, warmup_steps=2, lora=lora, lora_dropout=0.1 if lora else 0.0)
+    train(make_config(tiny_model_dir, data, tmp_path / "straight", **kw))
+    stopped = make_config(tiny_model_dir, data, tmp_path / "resumed", **kw)
+    res = _run_with_interrupt(monkeypatch, stopped, 3)
+    assert res["train"]["interrupted"] and res["train"]["steps"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000003"]
+    resumed = train(make_config(tiny_model_dir, data, tmp_path / "resumed", **kw), resume=True)
+    assert resumed["train"]["steps"] == 7
+    a, b = _final_weights(tmp_path / "straight", lora), _final_weights(tmp_path / "resumed", lora)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_is_bit_identical_full(tiny_model_dir, tmp_path, monkeypatch):
+    _check(tiny_model_dir, tmp_path, monkeypatch, lora=False)
+
+
+def test_resume_is_bit_identical_lora(tiny_model_dir, tmp_path, monkeypatch):
+    _check(tiny_model_dir, tmp_path, monkeypatch, lora=True)

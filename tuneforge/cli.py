@@ -1,0 +1,200 @@
+"""The `tuneforge` command: train | data inspect | generate | chat | eval | merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tuneforge.errors import TuneforgeError
+
+
+def _config(args):
+    from tuneforge.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from tuneforge.run import train
+    cfg = _config(args)
+    results = train(cfg, resume=args.resume)
+    _print_comparison(results)
+    return 0
+
+
+def _print_comparison(results: dict) -> None:
+    t = results.get("train", {})
+    print(f"trained {t.get('steps')} steps in {t.get('train_seconds')} s, "
+          f"{t.get('tokens_per_second')} tokens/s, final loss {t.get('final_loss')}")
+    if "base" in results and "tuned" in results:
+        b, u = results["base"], results["tuned"]
+        print("\nheld-out task accuracy      exact    lenient")
+        print(f"  base model              {b['exact']:7.1%}   {b['lenient']:7.1%}")
+        print(f"  tuned model             {u['exact']:7.1%}   {u['lenient']:7.1%}")
+    if results.get("final_dir"):
+        print(f"saved: {results['final_dir']}")
+
+
+def cmd_data_inspect(args) -> int:
+    from tuneforge.data.audit import format_example
+    from tuneforge.data.dataset import prepare_data
+    from tuneforge.models.load import load_tokenizer
+    cfg = _config(args)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = cfg.data.chat_template
+    data = prepare_data(cfg, tokenizer, rebuild=True)
+    color = sys.stdout.isatty() and not args.no_color
+    for i in range(min(args.n, len(data.train))):
+        ex = data.train[i]
+        print(f"--- example {i} ({len(ex)} tokens, {sum(ex.loss_mask)} supervised) ---")
+        print(format_example(tokenizer, ex, color=color))
+    print("--- supervised tokens are " + ("green" if color else "inside [[ ]]") + " ---")
+    print(json.dumps(data.stats, indent=1))
+    return 0
+
+
+def _load_for_inference(args):
+    """Model, tokenizer and system prompt from --run (a training output folder) or --model/--adapter."""
+    from tuneforge.config import load_config
+    from tuneforge.run import load_model_and_tokenizer
+    overrides, adapter = [], args.adapter
+    cfg_path = None
+    if args.run:
+        cfg_path = str(Path(args.run) / "config.yaml")
+        adapter = adapter or (str(Path(args.run) / "final") if (Path(args.run) / "final" /
+                                                               "adapter_config.json").exists() else None)
+        if not adapter and (Path(args.run) / "final" / "config.json").exists():
+            overrides.append(f"model.name={Path(args.run) / 'final'}")
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    cfg = load_config(cfg_path, overrides)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    if adapter:
+        from tuneforge.adapters.lora import load_adapter
+        model = load_adapter(model, adapter)
+    system = args.system if args.system is not None else cfg.data.system_prompt
+    return model, tokenizer, system
+
+
+def cmd_generate(args) -> int:
+    from tuneforge.eval.generation import generate
+    model, tokenizer, system = _load_for_inference(args)
+    prompts = list(args.prompt or [])
+    if args.file:
+        prompts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise TuneforgeError("give --prompt TEXT (repeatable) or --file FILE with one prompt per line")
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    outs = generate(model, tokenizer, convs, args.max_new_tokens, args.batch_size, system,
+                    do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    for p, o in zip(prompts, outs):
+        print(json.dumps({"prompt": p, "output": o}, ensure_ascii=False))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuneforge.eval.generation import generate
+    model, tokenizer, system = _load_for_inference(args)
+    history: list[dict] = []
+    print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [history], args.max_new_tokens, 1, system,
+                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"bot> {reply}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tuneforge.run import evaluate
+    cfg = _config(args)
+    print(json.dumps(evaluate(cfg, adapter=args.adapter), indent=1, default=str))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tuneforge.adapters.lora import merge_to_folder
+    from tuneforge.config import load_config
+    from tuneforge.run import load_model_and_tokenizer
+    cfg = load_config(None, [f"model.name={args.model}"])
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    out = merge_to_folder(model, args.adapter, args.out, tokenizer)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="YAML run config")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.enabled=true")
+
+    t = sub.add_parser("train", help="fine-tune a model as a config describes")
+    with_config(t)
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="print rendered examples with the supervised tokens marked, and counts")
+    with_config(di)
+    di.add_argument("-n", type=int, default=3, help="examples to print")
+    di.add_argument("--no-color", action="store_true")
+    di.set_defaults(func=cmd_data_inspect)
+
+    for name, func, helptext in (("generate", cmd_generate, "generate replies to prompts"),
+                                 ("chat", cmd_chat, "chat with a model in the terminal")):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("--run", help="a training output folder: its config, template handling and final weights")
+        g.add_argument("--model", help="model (embedded name, folder, .gguf, hub id); default smollm2")
+        g.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
+        g.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt)")
+        g.add_argument("--max-new-tokens", type=int, default=128)
+        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        if name == "generate":
+            g.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
+            g.add_argument("--file", help="one prompt per line")
+            g.add_argument("--batch-size", type=int, default=8)
+        g.set_defaults(func=func)
+
+    e = sub.add_parser("eval", help="held-out loss and task accuracy of a model (and adapter)")
+    with_config(e)
+    e.add_argument("--adapter", help="LoRA adapter folder to evaluate on top of the config's model")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full model folder")
+    m.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TuneforgeError as exc:
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""YAML loading with dotted overrides, and validation errors that name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tuneforge.config.schema import RunConfig
+from tuneforge.errors import ConfigError
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "lora.enabled=true"]` -> nested dict. Values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value", source="command line")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse value {raw!r}: {exc}", key=key, source="command line") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("conflicting overrides", key=key, source="command line")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(raw: dict, base_dir: Path) -> None:
+    """Data and model paths in a YAML file are relative to the current directory if they exist there,
+    else to the YAML file's folder (so recipes run from anywhere)."""
+    def fix(p):
+        if isinstance(p, list):
+            return [fix(x) for x in p]
+        if not isinstance(p, str) or Path(p).is_absolute() or Path(p).exists():
+            return p
+        cand = base_dir / p
+        return str(cand) if cand.exists() else p
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            if key in data:
+                data[key] = fix(data[key])
+
+
+def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{err['msg']}{more}", key=key or None, source=source) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or defaults if path is None) and apply dotted overrides."""
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        source = str(p)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid YAML: {exc}", source=source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("top level must be a mapping", source=source)
+        _resolve_paths(raw, p.parent)
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw, source)

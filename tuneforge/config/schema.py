@@ -1,0 +1,133 @@
+"""The run config schema. One YAML file describes one run; every key has a default or a clear error.
+
+Sections: model, data, lora, train, eval, plus `method`. Per-method defaults (learning rate, what the loss
+averages over) live in METHOD_DEFAULTS so that adding a method is one entry, not an if/elif chain.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["clm", "sft"]  # later: contrastive, reward, dpo, ppo, grpo
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "smollm2-135m-instruct"
+    """Embedded short name, local HF folder, .gguf file, or hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the weights. Keep float32 master weights for training; use train.autocast for speed."""
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class DataSection(Section):
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Held-out share of the train data when no eval file is given (seeded by train.seed)."""
+    kind: Literal["auto", "text", "chat", "instruction", "preference", "pair", "prompt"] = "auto"
+    format: Literal["jsonl", "json", "csv", "tsv", "parquet", "text"] | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Map canonical field names to the file's names, e.g. {instruction: question, output: answer}."""
+    on_error: Literal["raise", "skip"] = "raise"
+    text_split: Literal["document", "line"] = "document"
+    max_length: int = Field(1024, gt=8)
+    """Tokens per example (sft) or per block (clm). Tokenizers often report a meaningless maximum."""
+    truncation: Literal["drop", "left"] = "drop"
+    """Over-long example: drop it, or cut its prompt from the left. Never cuts a supervised response."""
+    mask: Literal["assistant", "last", "all"] = "assistant"
+    """Loss on every assistant turn (default), the last assistant turn only, or all tokens."""
+    system_prompt: str | None = None
+    """Added as the system message of every conversation that has none (training and generation alike)."""
+    chat_template: str | None = None
+    """Jinja chat template replacing the tokenizer's own (for models without one). Used for generation too."""
+    doc_separator: str | None = None
+    """Token between documents for clm; default <|endoftext|> (or </s>, or eos). Not the end-of-turn token."""
+    cache_dir: str | None = None
+    """Tokenised-data cache; default <output_dir>/../.tokcache. Its key covers all that changes tokens."""
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = 32.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class TrainSection(Section):
+    output_dir: str = "runs/tuneforge"
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float | None = Field(None, gt=0)
+    """Default per method and LoRA/full (see METHOD_DEFAULTS)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Never applied to LoRA, bias or norm parameters."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    tensorboard: bool = True
+    progress: bool = True
+    threads: int | None = Field(None, gt=0)
+    """torch intra-op threads; default: all cores."""
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+
+
+class EvalSection(Section):
+    loss: bool = True
+    """Held-out loss/perplexity."""
+    generate: bool = False
+    """Task accuracy on held-out instruction/chat records: greedy generation scored against the reference."""
+    before: bool = True
+    """Also score the base model before training, for a base-versus-tuned comparison."""
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0)
+
+
+METHOD_DEFAULTS = {
+    # method: (lr full, lr lora, unit the loss averages over)
+    "clm": (2e-5, 2e-4, "tokens"),
+    "sft": (1e-5, 2e-4, "tokens"),
+}
+
+
+class RunConfig(Section):
+    method: Method = "sft"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _fill_method_defaults(self):
+        if self.train.lr is None:
+            full, lora, _ = METHOD_DEFAULTS[self.method]
+            self.train.lr = lora if self.lora.enabled else full
+        if self.method == "clm" and self.data.kind == "auto":
+            self.data.kind = "text"
+        return self
+
+    @property
+    def count_unit(self) -> str:
+        return METHOD_DEFAULTS[self.method][2]

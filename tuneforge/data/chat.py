@@ -1,0 +1,139 @@
+"""Chat rendering and the loss mask.
+
+A conversation is rendered ONCE with the model's own chat template and tokenised whole; the loss mask comes
+from character spans found by rendering prefixes of the same conversation. Tokenising prompt and response
+separately and concatenating would let BPE merges across the seam shift the mask; here a token is supervised
+when its characters overlap an assistant span (content plus the template's end-of-turn marker).
+
+Convention used everywhere: `loss_mask[t] == 1` means token t is a target, predicted from tokens < t.
+Masks are positional; nothing is ever masked by token id (pad can equal end-of-turn, e.g. SmolLM2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneforge.data.records import ChatRecord, Source
+from tuneforge.errors import AuditError
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    loss_mask: list[int]
+    source: Source | None = None
+    eot_positions: list[int] = field(default_factory=list)
+    """Positions of each supervised turn's end-of-turn token (must stay supervised)."""
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class RenderStats:
+    examples: int = 0
+    dropped_too_long: int = 0
+    truncated_left: int = 0
+    tokens: int = 0
+    supervised: int = 0
+
+    def add(self, ex: TokenizedExample) -> None:
+        self.examples += 1
+        self.truncated_left += int(ex.truncated)
+        self.tokens += len(ex.input_ids)
+        self.supervised += sum(ex.loss_mask)
+
+
+def _messages(record: ChatRecord, system_prompt: str | None) -> list[dict]:
+    msgs = [{"role": m.role, "content": m.content} for m in record.messages]
+    if system_prompt and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
+
+
+def prompt_messages(record: ChatRecord, system_prompt: str | None = None) -> list[dict]:
+    """The conversation up to (not including) its last assistant turn: what generation is asked to continue."""
+    msgs = _messages(record, system_prompt)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return msgs[:last]
+
+
+def render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise AuditError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set data.chat_template")
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, msgs: list[dict], which: str, where: Source | None = None) -> tuple[str, list]:
+    """Render `msgs` and return (text, [(start, end, eot_start)]) character spans of the supervised turns.
+
+    A span runs from the end of the generation prompt to the end of the turn's end-of-turn marker (trailing
+    whitespace after it, like ChatML's newline, is not part of what the model must produce). `eot_start` is
+    where that marker starts (== end if the template adds none). Raises AuditError if prefix renders are not
+    prefixes of the whole render: such a template would train one format and prompt another.
+    """
+    text = render(tokenizer, msgs)
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if which == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        before = render(tokenizer, msgs[:i], add_generation_prompt=True) if i > 0 else ""
+        upto = render(tokenizer, msgs[: i + 1]).rstrip()
+        content = msgs[i]["content"]
+        at = upto.find(content, len(before)) if content else len(upto)
+        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before) and at >= 0):
+            raise AuditError(f"{where or 'example'}: the chat template renders inconsistently: the prompt "
+                             f"up to assistant turn {i} is not a prefix of the whole conversation")
+        eot_start = at + len(content)
+        spans.append((len(before), len(upto), eot_start))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, record: ChatRecord, mask: str = "assistant", max_length: int = 1024,
+                  truncation: str = "drop", system_prompt: str | None = None) -> TokenizedExample | None:
+    """Render and tokenise one conversation. Returns None when it is too long and must be dropped."""
+    msgs = _messages(record, system_prompt)
+    text, spans = assistant_spans(tokenizer, msgs, "last" if mask == "last" else "all", record.source)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if mask == "all":
+        loss = [1] * len(ids)
+    else:
+        loss = [int(any(s < b and e > a for a, b, _ in spans)) for s, e in offsets]
+    # The end-of-turn token of each turn: the last token overlapping the turn's marker (if the template has one).
+    eots = []
+    for a, b, eot_start in spans:
+        if b > eot_start:
+            eots.append(max(t for t, (s, e) in enumerate(offsets) if s < b and e > eot_start))
+    loss[0] = 0  # nothing predicts the first token
+    ex = TokenizedExample(list(ids), loss, record.source, eots)
+    if len(ids) <= max_length:
+        return ex
+    return _truncate(ex, max_length, truncation, keep_all=(mask == "all"))
+
+
+def _truncate(ex: TokenizedExample, max_length: int, truncation: str, keep_all: bool) -> TokenizedExample | None:
+    """Cut the prompt from the left, never a supervised token (except in `all` mode, where all are)."""
+    if truncation == "drop":
+        return None
+    cut = len(ex.input_ids) - max_length
+    first_supervised = next((t for t, m in enumerate(ex.loss_mask) if m), len(ex.loss_mask))
+    if not keep_all and cut > first_supervised - 1:
+        return None  # the response itself would lose tokens: drop rather than silently train on a stub
+    loss = ex.loss_mask[cut:]
+    loss[0] = 0
+    eots = [p - cut for p in ex.eot_positions if p >= cut]
+    return TokenizedExample(ex.input_ids[cut:], loss, ex.source, eots, truncated=True)
+
+
+def document_separator(tokenizer, override: str | None = None) -> int:
+    """The token that separates documents in continued pre-training. For chat models it is not the
+    end-of-turn token (SmolLM2: `<|endoftext|>`, not `<|im_end|>`)."""
+    vocab = tokenizer.get_vocab()
+    for cand in (override, "<|endoftext|>", "<|end_of_text|>", "</s>", tokenizer.eos_token):
+        if cand and cand in vocab:
+            return vocab[cand]
+    raise AuditError("no document separator token found; set data.doc_separator")

@@ -1,0 +1,162 @@
+"""From a run config to tokenised train and held-out examples, through the on-disk token cache.
+
+Records are streamed from the readers, assigned to a split, rendered (chat) or packed (raw text), audited
+and appended to the cache, so a corpus larger than memory is tokenised once and memory-mapped afterwards.
+Only held-out chat records are kept in memory (for generation-based evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneforge.data import readers
+from tuneforge.data.audit import audit_example, audit_totals, summary
+from tuneforge.data.cache import CachedExamples, CacheWriter, cache_key, file_fingerprints, tokenizer_fingerprint
+from tuneforge.data.chat import RenderStats, TokenizedExample, document_separator, tokenize_chat
+from tuneforge.data.records import ChatRecord, InstructionRecord, TextRecord
+from tuneforge.data.split import in_eval_split, record_key
+
+
+@dataclass
+class PreparedData:
+    train: CachedExamples
+    eval: CachedExamples | None
+    eval_records: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def _to_chat(record) -> ChatRecord:
+    if isinstance(record, InstructionRecord):
+        return record.to_chat()
+    if isinstance(record, ChatRecord):
+        return record
+    raise TypeError(f"{record.source}: a {type(record).__name__} cannot be used for chat fine-tuning")
+
+
+class _Packer:
+    """Continued pre-training: documents joined by the document separator, cut into fixed-length blocks."""
+
+    def __init__(self, tokenizer, block_size: int, separator: int, writer: CacheWriter, stats: RenderStats):
+        self.tok, self.block, self.sep, self.writer, self.stats = tokenizer, block_size, separator, writer, stats
+        self.buffer: list[int] = []
+
+    def add(self, record: TextRecord) -> None:
+        self.buffer += self.tok(record.text, add_special_tokens=False)["input_ids"] + [self.sep]
+        while len(self.buffer) >= self.block:
+            self._emit(self.buffer[:self.block])
+            self.buffer = self.buffer[self.block:]
+
+    def _emit(self, ids: list[int]) -> None:
+        ex = TokenizedExample(ids, [0] + [1] * (len(ids) - 1))
+        self.stats.add(ex)
+        self.writer.add(ex)
+
+    def close(self) -> None:
+        if len(self.buffer) > 1:  # the tail: a shorter block, padded by the collator
+            self._emit(self.buffer)
+        self.buffer = []
+
+
+class _Renderer:
+    """Instruction and chat fine-tuning: render, mask, truncate or drop, audit."""
+
+    def __init__(self, tokenizer, cfg, writer: CacheWriter, stats: RenderStats):
+        self.tok, self.cfg, self.writer, self.stats = tokenizer, cfg, writer, stats
+
+    def add(self, record) -> None:
+        chat = _to_chat(record)
+        d = self.cfg.data
+        ex = tokenize_chat(self.tok, chat, d.mask, d.max_length, d.truncation, d.system_prompt)
+        if ex is None:
+            self.stats.dropped_too_long += 1
+            return
+        turns = None if d.mask == "all" else (1 if d.mask == "last" else
+                                               sum(m.role == "assistant" for m in chat.messages))
+        audit_example(ex, turns)
+        self.stats.add(ex)
+        self.writer.add(ex)
+
+    def close(self) -> None:
+        pass
+
+
+def _sink(cfg, tokenizer, writer, stats):
+    if cfg.method == "clm":
+        sep = document_separator(tokenizer, cfg.data.doc_separator)
+        return _Packer(tokenizer, cfg.data.max_length, sep, writer, stats)
+    return _Renderer(tokenizer, cfg, writer, stats)
+
+
+def _read(cfg, paths, skipped: list):
+    d = cfg.data
+    return readers.iter_records(paths, kind=d.kind, fields=d.fields, on_error=d.on_error, format=d.format,
+                                text_split=d.text_split, on_skip=skipped.append)
+
+
+def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: bool = False) -> PreparedData:
+    """Tokenise (or load from cache) the train and held-out splits described by `cfg.data`."""
+    d = cfg.data
+    if not d.train:
+        from tuneforge.errors import ConfigError
+        raise ConfigError("no training data given", key="data.train")
+    root = Path(cache_root or d.cache_dir or Path(cfg.train.output_dir).parent / ".tokcache")
+    key = cache_key(method=cfg.method, data=d.model_dump(exclude={"cache_dir"}), seed=cfg.train.seed,
+                    tokenizer=tokenizer_fingerprint(tokenizer),
+                    files=file_fingerprints(d.train) + file_fingerprints(d.eval))
+    folder = root / key
+    eval_records = []
+    skipped: list = []
+    if d.eval:
+        eval_records = list(_read(cfg, d.eval, skipped))
+    if not rebuild and CachedExamples.exists(folder / "train"):
+        train = CachedExamples(folder / "train")
+        ev = CachedExamples(folder / "eval")
+        ev = ev if len(ev) else None
+        if not d.eval and ev is not None:
+            eval_records = _held_out_records(cfg)
+        return PreparedData(train, ev, eval_records, train.meta["stats"])
+
+    eval_keys = {record_key(r) for r in eval_records}
+    stats = {"train": RenderStats(), "eval": RenderStats()}
+    writers = {"train": CacheWriter(folder / "train"), "eval": CacheWriter(folder / "eval")}
+    sinks = {s: _sink(cfg, tokenizer, writers[s], stats[s]) for s in writers}
+    duplicates = 0
+    for record in eval_records:
+        sinks["eval"].add(record)
+    for record in _read(cfg, d.train, skipped):
+        k = record_key(record)
+        if d.eval:
+            if k in eval_keys:
+                duplicates += 1
+                continue
+            sinks["train"].add(record)
+        elif d.eval_fraction > 0 and in_eval_split(k, d.eval_fraction, cfg.train.seed):
+            if k in eval_keys:  # the same record twice in held-out data counts once
+                continue
+            eval_keys.add(k)
+            eval_records.append(record)
+            sinks["eval"].add(record)
+        else:
+            sinks["train"].add(record)
+    for s in sinks.values():
+        s.close()
+    audit_totals(stats["train"], "train")
+    meta_stats = {"train": summary(stats["train"]), "eval": summary(stats["eval"]),
+                  "skipped_records": len(skipped), "skipped_examples": [str(e) for e in skipped[:5]],
+                  "duplicates_removed": duplicates}
+    train = writers["train"].finish({"stats": meta_stats})
+    ev = writers["eval"].finish({"stats": meta_stats})
+    ev = ev if len(ev) else None
+    return PreparedData(train, ev, eval_records, meta_stats)
+
+
+def _held_out_records(cfg) -> list:
+    """Re-derive the held-out records of a seeded fraction split (for generation eval on a cached run)."""
+    out, keys = [], set()
+    for record in _read(cfg, cfg.data.train, []):
+        k = record_key(record)
+        if in_eval_split(k, cfg.data.eval_fraction, cfg.train.seed) and k not in keys:
+            keys.add(k)
+            out.append(record)
+    return out

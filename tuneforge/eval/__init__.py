@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss/perplexity (in the loop), task accuracy by generation, reports."""

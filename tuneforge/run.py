@@ -1,0 +1,148 @@
+"""A training run from a config: load, prepare data, (LoRA), score the base, fit, save, score the result.
+
+This is the glue between the parts; the maths is in objectives/, the loop in train/loop.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+import yaml
+
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.collate import collate
+from tuneforge.data.dataset import prepare_data
+from tuneforge.objectives import make_objective
+from tuneforge.train.loop import LoopSettings, fit
+
+
+def setup_runtime(cfg: RunConfig) -> torch.device:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None):
+    from tuneforge.models.load import load_causal_lm
+    model, tokenizer = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype,
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      attn_implementation=cfg.model.attn_implementation)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = cfg.data.chat_template
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def loop_settings(cfg: RunConfig) -> LoopSettings:
+    t = cfg.train
+    fields = LoopSettings.__dataclass_fields__
+    return LoopSettings(**{k: v for k, v in t.model_dump().items() if k in fields})
+
+
+def _eval_records_for_generation(records):
+    from tuneforge.data.dataset import _to_chat
+    return [_to_chat(r) for r in records]
+
+
+def _task_eval(cfg, model, tokenizer, records, label: str):
+    from tuneforge.eval.task import task_accuracy
+    e = cfg.eval
+    res = task_accuracy(model, tokenizer, records, e.max_new_tokens, e.batch_size, cfg.data.system_prompt, e.limit)
+    print(f"[{label}] held-out task accuracy: exact {res['exact']:.1%}, lenient {res['lenient']:.1%} "
+          f"(n={res['n']})", flush=True)
+    return res
+
+
+def save_final(cfg: RunConfig, model, tokenizer) -> Path:
+    """output_dir/final: the adapter (PEFT format) for LoRA, a full model folder otherwise; plus tokenizer."""
+    from tuneforge.train.checkpoint import atomic_dir
+    out = Path(cfg.train.output_dir) / "final"
+    with atomic_dir(out) as tmp:
+        if cfg.lora.enabled:
+            from tuneforge.adapters.lora import save_adapter
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    device = setup_runtime(cfg)
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    data = prepare_data(cfg, tokenizer)
+    print("data: " + json.dumps(data.stats), flush=True)
+    gen_records = _eval_records_for_generation(data.eval_records) if cfg.eval.generate and cfg.method == "sft" \
+        else []
+    results: dict = {"data": data.stats}
+    if gen_records and cfg.eval.before and not resume:
+        results["base"] = _task_eval(cfg, model, tokenizer, gen_records, "base")
+    if cfg.lora.enabled:
+        from tuneforge.adapters.lora import apply_lora
+        torch.manual_seed(cfg.train.seed)  # LoRA A init: same seed, same adapter start, with or without eval
+        l = cfg.lora
+        model = apply_lora(model, r=l.r, alpha=l.alpha, dropout=l.dropout, target_modules=l.target_modules,
+                           use_dora=l.use_dora, use_rslora=l.use_rslora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters", flush=True)
+    writer = (lambda d: _save_adapter_into(model, d)) if cfg.lora.enabled else None
+    fitted = fit(model, make_objective(cfg.method), data.train, lambda b: collate(b, tokenizer.pad_token_id),
+                 loop_settings(cfg), eval_data=data.eval if cfg.eval.loss else None, resume=resume,
+                 extra_checkpoint_writer=writer, device=device)
+    results["train"] = {"steps": fitted.steps, "final_loss": fitted.train_loss, "eval": fitted.eval,
+                        "tokens_per_second": round(fitted.tokens_per_second, 1),
+                        "train_seconds": round(fitted.train_seconds, 1), "interrupted": fitted.interrupted}
+    if fitted.interrupted:
+        return results
+    results["final_dir"] = str(save_final(cfg, model, tokenizer))
+    if gen_records:
+        results["tuned"] = _task_eval(cfg, model, tokenizer, gen_records, "tuned")
+    _write_json(out_dir / "results.json", results)
+    return results
+
+
+def _save_adapter_into(model, folder: Path) -> None:
+    from tuneforge.adapters.lora import save_adapter
+    save_adapter(model, Path(folder) / "adapter")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
+    """Held-out loss (and task accuracy when eval.generate) of the config's model, optionally with an adapter."""
+    device = setup_runtime(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    if adapter:
+        from tuneforge.adapters.lora import load_adapter
+        model = load_adapter(model, adapter)
+    data = prepare_data(cfg, tokenizer)
+    out: dict = {}
+    held_out = data.eval if data.eval is not None else data.train
+    if cfg.eval.loss:
+        from tuneforge.train.loop import make_autocast
+        import math
+        objective = make_objective(cfg.method)
+        size = cfg.train.micro_batch_size
+        batches = ({k: v.to(device) for k, v in collate(held_out[i:i + size], tokenizer.pad_token_id).items()}
+                   for i in range(0, len(held_out), size))
+        model.eval()
+        out["loss"] = objective.evaluate(model, batches, make_autocast(cfg.train.autocast, device))
+        out["loss"]["perplexity"] = math.exp(min(out["loss"]["loss"], 50.0))
+    if cfg.eval.generate and data.eval_records:
+        out["task"] = _task_eval(cfg, model, tokenizer, _eval_records_for_generation(data.eval_records), "model")
+    return out
