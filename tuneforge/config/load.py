@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
+            if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string; users mean a number
+                value = _number(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse value {raw!r}: {exc}", key=key, source="command line") from None
         node = out
@@ -31,6 +34,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise ConfigError("conflicting overrides", key=key, source="command line")
         node[parts[-1]] = value
     return out
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _number(text: str):
+    return float(text) if _NUMBER.match(text.strip()) else text
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -133,6 +133,7 @@ def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: 
             sinks["train"].add(record)
         elif d.eval_fraction > 0 and in_eval_split(k, d.eval_fraction, cfg.train.seed):
             if k in eval_keys:  # the same record twice in held-out data counts once
+                duplicates += 1
                 continue
             eval_keys.add(k)
             eval_records.append(record)

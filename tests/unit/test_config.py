@@ -1,0 +1,57 @@
+"""Config: every shipped recipe validates; bad values are errors naming the key; overrides are typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import load_config, parse_overrides
+from tuneforge.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 4
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_validates_and_documents_its_command(path):
+    cfg = load_config(str(path))
+    assert cfg.train.lr > 0
+    header = path.read_text().splitlines()[:6]
+    assert any(line.startswith("#") and "tuneforge " in line for line in header), "header must show the command"
+    train = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    assert all(Path(p).exists() for p in train), f"{path.name}: data path missing: {train}"
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["train.lr=1e-4", "lora.enabled=true", "data.fields.output=answer"]) == {
+        "train": {"lr": 1e-4}, "lora": {"enabled": True}, "data": {"fields": {"output": "answer"}}}
+    cfg = load_config(None, ["lora.enabled=true", "train.micro_batch_size=2"])
+    assert cfg.lora.enabled and cfg.train.micro_batch_size == 2
+
+
+def test_method_defaults_for_learning_rate():
+    assert load_config(None, ["lora.enabled=true"]).train.lr == 2e-4
+    assert load_config(None, []).train.lr == 1e-5
+    assert load_config(None, ["train.lr=0.5"]).train.lr == 0.5
+
+
+@pytest.mark.parametrize("override,key", [("train.lrr=1", "train.lrr"), ("train.micro_batch_size=0",
+                                          "train.micro_batch_size"), ("data.mask=some", "data.mask"),
+                                          ("method=nope", "method")])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"key {key}"):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(bad))
+    bad.write_text("train:\n  epochs: -1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, key train.epochs"):
+        load_config(str(bad))
