@@ -62,7 +62,7 @@ def _task_eval(cfg, model, tokenizer, records, label: str):
 
 def save_final(cfg: RunConfig, model, tokenizer) -> Path:
     """output_dir/final: the adapter (PEFT format) for LoRA, a full model folder otherwise; plus tokenizer."""
-    from tuneforge.train.checkpoint import atomic_dir
+    from tuneforge.fsutil import atomic_dir
     out = Path(cfg.train.output_dir) / "final"
     with atomic_dir(out) as tmp:
         if cfg.lora.enabled:

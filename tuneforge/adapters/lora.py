@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from tuneforge.errors import ModelLoadError, TuneforgeError
-from tuneforge.models.embedded import atomic_dir
+from tuneforge.fsutil import atomic_dir
 
 
 def _peft():

@@ -16,16 +16,14 @@ an unrelated app). Cache root: `cache_dir` argument, else `$TUNEFORGE_CACHE/mode
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.fsutil import atomic_dir
 from tuneforge.errors import ModelLoadError
 
 # A converted folder records where it came from; a different source (package upgrade, edited file) reconverts.
@@ -169,28 +167,3 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     prepare_tokenizer(tok, model.config)
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike):
-    """Yield a temporary sibling folder; on success it replaces `final`, on error it is removed.
-
-    Why: a crash or Ctrl-C mid-write must never leave a half-written model that later loads look finished.
-    The swap is two renames on the same filesystem (old -> trash, tmp -> final), so readers see either the
-    old or the new complete folder, except for an instant in which `final` is absent.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        trash = None
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rename(final, trash / "old")
-        os.rename(tmp, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -17,16 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.fsutil import atomic_dir
 
 PREFIX = "step-"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -115,32 +108,3 @@ def load_checkpoint(path: str | Path):
     return (load_file(path / "weights.safetensors"), load_file(path / "optimizer.safetensors"),
             load_file(path / "rng.safetensors"), state)
 
-
-class atomic_dir:
-    """`with atomic_dir(final) as tmp:` write into tmp; on success it is fsynced and renamed to `final`."""
-
-    def __init__(self, final: str | Path):
-        self.final = Path(final)
-        self.tmp = self.final.with_name(f".tmp-{self.final.name}-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(self.tmp)
-        old = self.final.with_name(f".old-{self.final.name}-{os.getpid()}")
-        if self.final.exists():
-            os.replace(self.final, old)  # the previous folder survives until the new one is in place
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
