@@ -16,6 +16,7 @@ import yaml
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
+from tuneforge.data.records import as_chat
 from tuneforge.objectives import make_objective
 from tuneforge.train.loop import LoopSettings, fit
 
@@ -46,9 +47,11 @@ def loop_settings(cfg: RunConfig) -> LoopSettings:
     return LoopSettings(**{k: v for k, v in t.model_dump().items() if k in fields})
 
 
-def _eval_records_for_generation(records):
-    from tuneforge.data.dataset import _to_chat
-    return [_to_chat(r) for r in records]
+def _generation_records(cfg: RunConfig, data) -> list:
+    """Held-out conversations to score by generation (instruction/chat data with eval.generate on)."""
+    if not cfg.eval.generate or cfg.method != "sft":
+        return []
+    return [as_chat(r) for r in data.eval_records]
 
 
 def _task_eval(cfg, model, tokenizer, records, label: str):
@@ -82,8 +85,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     data = prepare_data(cfg, tokenizer)
     print("data: " + json.dumps(data.stats), flush=True)
-    gen_records = _eval_records_for_generation(data.eval_records) if cfg.eval.generate and cfg.method == "sft" \
-        else []
+    gen_records = _generation_records(cfg, data)
     results: dict = {"data": data.stats}
     if gen_records and cfg.eval.before and not resume:
         results["base"] = _task_eval(cfg, model, tokenizer, gen_records, "base")
@@ -143,6 +145,6 @@ def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
         model.eval()
         out["loss"] = objective.evaluate(model, batches, make_autocast(cfg.train.autocast, device))
         out["loss"]["perplexity"] = math.exp(min(out["loss"]["loss"], 50.0))
-    if cfg.eval.generate and data.eval_records:
-        out["task"] = _task_eval(cfg, model, tokenizer, _eval_records_for_generation(data.eval_records), "model")
+    if gen := _generation_records(cfg, data):
+        out["task"] = _task_eval(cfg, model, tokenizer, gen, "model")
     return out

@@ -64,3 +64,14 @@ def test_resume_is_bit_identical_full(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_resume_is_bit_identical_lora(tiny_model_dir, tmp_path, monkeypatch):
     _check(tiny_model_dir, tmp_path, monkeypatch, lora=True)
+
+
+def test_resume_refuses_a_changed_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Resuming with another schedule or data set would replay or skip data: a clear error instead."""
+    import pytest
+
+    from tuneforge.errors import TuneforgeError
+    data = write_instruction_data(tmp_path / "d.jsonl")
+    train(make_config(tiny_model_dir, data, tmp_path / "run", max_steps=2, save_every=1))
+    with pytest.raises(TuneforgeError, match="total_steps: 2 -> 5"):
+        train(make_config(tiny_model_dir, data, tmp_path / "run", max_steps=5), resume=True)

@@ -14,7 +14,7 @@ from tuneforge.data import readers
 from tuneforge.data.audit import audit_example, audit_totals, summary
 from tuneforge.data.cache import CachedExamples, CacheWriter, cache_key, file_fingerprints, tokenizer_fingerprint
 from tuneforge.data.chat import RenderStats, TokenizedExample, document_separator, tokenize_chat
-from tuneforge.data.records import ChatRecord, InstructionRecord, TextRecord
+from tuneforge.data.records import TextRecord, as_chat
 from tuneforge.data.split import in_eval_split, record_key
 
 
@@ -24,14 +24,6 @@ class PreparedData:
     eval: CachedExamples | None
     eval_records: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-
-
-def _to_chat(record) -> ChatRecord:
-    if isinstance(record, InstructionRecord):
-        return record.to_chat()
-    if isinstance(record, ChatRecord):
-        return record
-    raise TypeError(f"{record.source}: a {type(record).__name__} cannot be used for chat fine-tuning")
 
 
 class _Packer:
@@ -65,7 +57,7 @@ class _Renderer:
         self.tok, self.cfg, self.writer, self.stats = tokenizer, cfg, writer, stats
 
     def add(self, record) -> None:
-        chat = _to_chat(record)
+        chat = as_chat(record)
         d = self.cfg.data
         ex = tokenize_chat(self.tok, chat, d.mask, d.max_length, d.truncation, d.system_prompt)
         if ex is None:

@@ -83,6 +83,17 @@ class PromptRecord:
     source: Source | None = None
 
 
+def as_chat(record) -> ChatRecord:
+    """The conversation form of an instruction or chat record (what SFT renders and generation continues)."""
+    if isinstance(record, InstructionRecord):
+        return record.to_chat()
+    if isinstance(record, ChatRecord):
+        return record
+    from tuneforge.errors import DataError
+    raise DataError(f"a {type(record).__name__} record cannot be used for chat fine-tuning; use instruction or "
+                    "chat data", path=getattr(record.source, "path", None), line=getattr(record.source, "line", None))
+
+
 RECORD_TYPES = {
     "text": TextRecord,
     "chat": ChatRecord,

