@@ -16,6 +16,7 @@ import yaml
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
+from tuneforge.data.packing import PackedExamples, collate_packed
 from tuneforge.data.records import as_chat
 from tuneforge.objectives import make_objective
 from tuneforge.train.loop import LoopSettings, fit
@@ -41,10 +42,21 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
     return model, tokenizer
 
 
+def batching(cfg: RunConfig, data, tokenizer):
+    """(train rows, eval rows, collate): examples as they are, or packed into rows of data.max_length."""
+    pad = tokenizer.pad_token_id
+    if not cfg.data.packing:
+        return data.train, data.eval, lambda b: collate(b, pad)
+    pack = lambda ex: PackedExamples(ex, cfg.data.max_length) if ex is not None else None  # noqa: E731
+    return pack(data.train), pack(data.eval), lambda rows: collate_packed(rows, pad)
+
+
 def loop_settings(cfg: RunConfig) -> LoopSettings:
     t = cfg.train
     fields = LoopSettings.__dataclass_fields__
-    return LoopSettings(**{k: v for k, v in t.model_dump().items() if k in fields})
+    settings = LoopSettings(**{k: v for k, v in t.model_dump().items() if k in fields})
+    settings.group_by_length = cfg.data.group_by_length and not cfg.data.packing
+    return settings
 
 
 def _generation_records(cfg: RunConfig, data) -> list:
@@ -99,8 +111,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     total = sum(p.numel() for p in model.parameters())
     print(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters", flush=True)
     writer = (lambda d: _save_adapter_into(model, d)) if cfg.lora.enabled else None
-    fitted = fit(model, make_objective(cfg.method), data.train, lambda b: collate(b, tokenizer.pad_token_id),
-                 loop_settings(cfg), eval_data=data.eval if cfg.eval.loss else None, resume=resume,
+    train_rows, eval_rows, collate_fn = batching(cfg, data, tokenizer)
+    fitted = fit(model, make_objective(cfg.method), train_rows, collate_fn, loop_settings(cfg),
+                 eval_data=eval_rows if cfg.eval.loss else None, resume=resume,
                  extra_checkpoint_writer=writer, device=device)
     results["train"] = {"steps": fitted.steps, "final_loss": fitted.train_loss, "eval": fitted.eval,
                         "tokens_per_second": round(fitted.tokens_per_second, 1),

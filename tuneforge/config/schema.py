@@ -45,6 +45,11 @@ class DataSection(Section):
     """Loss on every assistant turn (default), the last assistant turn only, or all tokens."""
     system_prompt: str | None = None
     """Added as the system message of every conversation that has none (training and generation alike)."""
+    packing: bool = False
+    """Pack several examples per row of data.max_length tokens, attention isolated between them (no padding
+    waste). train.micro_batch_size then counts rows."""
+    group_by_length: bool = False
+    """Without packing: batch examples of similar length together (less padding), order still seeded."""
     chat_template: str | None = None
     """Jinja chat template replacing the tokenizer's own (for models without one). Used for generation too."""
     doc_separator: str | None = None

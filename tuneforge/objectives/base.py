@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.data.packing import real_tokens
+
 
 @dataclass
 class LossOutput:
@@ -54,7 +56,7 @@ class Objective:
             out.loss_sum.backward()
             total += out.loss_sum.item()
             count += out.count
-            tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v
         return StepOutput(total, count, tokens, metrics)

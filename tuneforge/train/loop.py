@@ -9,6 +9,7 @@ epoch, so the step counter alone says where in the data a resumed run continues.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -45,6 +46,7 @@ class LoopSettings:
     tensorboard: bool = True
     progress: bool = True
     autocast: str = "none"
+    group_by_length: bool = False
 
 
 @dataclass
@@ -73,11 +75,28 @@ def total_steps(n_examples: int, s: LoopSettings) -> int:
     return s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch(n_examples, s)))
 
 
-def step_micro_batches(step: int, n: int, s: LoopSettings) -> list[list[int]]:
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int, lengths: tuple | None, group: int) -> tuple:
+    """The seeded example order of one epoch. With `lengths`, examples are sorted by length inside windows of
+    `group` examples (less padding per micro-batch) and the windows' micro-batches keep a seeded order."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    if lengths is None:
+        return tuple(order)
+    window, grouped = group * 16, []
+    for start in range(0, n, window):
+        by_length = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        chunks = [by_length[i:i + group] for i in range(0, len(by_length), group)]
+        for c in torch.randperm(len(chunks), generator=gen).tolist():  # long and short batches interleave
+            grouped += chunks[c]
+    return tuple(grouped)
+
+
+def step_micro_batches(step: int, n: int, s: LoopSettings, lengths: tuple | None = None) -> list[list[int]]:
     """Example indices of each micro-batch of optimizer step `step` (a pure function of step and seed)."""
     per_epoch = steps_per_epoch(n, s)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)).tolist()
+    order = epoch_order(n, s.seed, epoch, lengths, s.micro_batch_size)
     size = s.micro_batch_size * s.grad_accum
     chunk = order[index * size:(index + 1) * size]
     return [chunk[i:i + s.micro_batch_size] for i in range(0, len(chunk), s.micro_batch_size)]
@@ -124,6 +143,7 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, s.lr, s.weight_decay, s.betas)
     n, total = len(train_data), total_steps(len(train_data), s)
+    lengths = tuple(train_data.length(i) for i in range(n)) if s.group_by_length else None
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total)
     step = 0
     if resume and (last := ckpt.latest_checkpoint(s.output_dir)) is not None:
@@ -138,7 +158,8 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
         while step < total:
             lr = lr_at(step, total, s.lr, warmup, s.schedule, s.min_lr_ratio)
             set_lr(optimizer, lr)
-            batches = [to_device(collate([train_data[i] for i in idx])) for idx in step_micro_batches(step, n, s)]
+            batches = [to_device(collate([train_data[i] for i in idx]))
+                       for idx in step_micro_batches(step, n, s, lengths)]
             t0 = time.perf_counter()
             out = objective.step(model, batches, autocast)
             count = max(out.count, 1)  # under torchrun: all-reduce the count here, the one normalisation point

@@ -1,0 +1,87 @@
+"""Packing: several examples in one row, each with position ids restarting at 0 and attention isolated.
+
+Padding is waste: a batch of variable-length chat examples padded to its longest row spends most of its
+compute on pad tokens. Packed rows carry `position_ids` that restart per example and no attention mask;
+transformers (sdpa and eager paths) then derives a block-diagonal causal mask from the restarts, so examples
+in one row never attend to each other. The first token of every example is never a target (its loss mask
+is 0), so no example is trained to continue the previous one. Nothing here depends on what the examples
+are: reward and preference batches can be packed the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+
+def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: example indices grouped into rows of at most `capacity` tokens (deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
+    for i in order:
+        size = lengths[i]
+        if size > capacity:
+            raise ValueError(f"example {i} has {size} tokens, more than the row capacity {capacity}")
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            remaining, b = free.pop(at)
+            bins[b].append(i)
+            bisect.insort(free, (remaining - size, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (capacity - size, len(bins) - 1))
+    for b in bins:
+        b.sort()  # examples in a row keep data order: easier to read in `data inspect`
+    return bins
+
+
+class PackedExamples(Sequence):
+    """Rows of examples: item i is the list of examples packed into row i."""
+
+    def __init__(self, examples, capacity: int):
+        self.examples, self.capacity = examples, capacity
+        lengths = [examples.length(i) if hasattr(examples, "length") else len(examples[i])
+                   for i in range(len(examples))]
+        self.rows = pack_bins(lengths, capacity)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return [self.examples[j] for j in self.rows[i]]
+
+
+def collate_packed(rows: list[list], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples: input_ids, position_ids (restarting per example), loss_mask, all
+    (B, T), and `num_real` (real tokens, for throughput). No attention mask: isolation comes from positions."""
+    longest = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, longest), dtype=torch.long)
+    loss_mask = torch.zeros((batch, longest), dtype=torch.long)
+    real = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for ex in row:
+            n = len(ex.input_ids)
+            input_ids[r, at:at + n] = torch.tensor(ex.input_ids, dtype=torch.long)
+            position_ids[r, at:at + n] = torch.arange(n)
+            loss_mask[r, at:at + n] = torch.tensor(ex.loss_mask, dtype=torch.long)
+            loss_mask[r, at] = 0  # never predict an example's first token from the previous example
+            at += n
+        real += at
+        position_ids[r, at:] = torch.arange(longest - at)  # trailing pad: its own isolated "sequence"
+    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
+            "num_real": torch.tensor(real)}
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-pad tokens of a padded or packed batch."""
+    if "num_real" in batch:
+        return int(batch["num_real"])
+    return int(batch["attention_mask"].sum())
