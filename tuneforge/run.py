@@ -6,7 +6,6 @@ This is the glue between the parts; the maths is in objectives/, the loop in tra
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.packing import PackedExamples, collate_packed
 from tuneforge.data.records import as_chat
+from tuneforge.errors import TuneforgeError
+from tuneforge.fsutil import atomic_write_text
 from tuneforge.objectives import make_objective
 from tuneforge.train.loop import LoopSettings, fit
 
@@ -40,6 +41,17 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def apply_speed_switches(cfg: RunConfig, model) -> None:
+    """Activation checkpointing and torch.compile, both on the transformers model (under any PEFT wrapper)."""
+    from tuneforge.objectives.functional import unwrap
+    base = unwrap(model)
+    if cfg.train.activation_checkpointing:
+        # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen LoRA base
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        base.get_decoder().compile()
 
 
 def batching(cfg: RunConfig, data, tokenizer):
@@ -78,14 +90,19 @@ def _task_eval(cfg, model, tokenizer, records, label: str):
 def save_final(cfg: RunConfig, model, tokenizer) -> Path:
     """output_dir/final: the adapter (PEFT format) for LoRA, a full model folder otherwise; plus tokenizer."""
     from tuneforge.fsutil import atomic_dir
+    from tuneforge.train.checkpoint import WRITE_ERRORS
     out = Path(cfg.train.output_dir) / "final"
-    with atomic_dir(out) as tmp:
-        if cfg.lora.enabled:
-            from tuneforge.adapters.lora import save_adapter
-            save_adapter(model, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_dir(out) as tmp:
+            if cfg.lora.enabled:
+                from tuneforge.adapters.lora import save_adapter
+                save_adapter(model, tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except WRITE_ERRORS as exc:  # a full disk: say so, and that the checkpoints still hold the run
+        raise TuneforgeError(f"could not write {out}: {exc}; checkpoints in {out.parent / 'checkpoints'} are "
+                             "intact, free space and run again with --resume") from exc
     return out
 
 
@@ -93,7 +110,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     device = setup_runtime(cfg)
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     data = prepare_data(cfg, tokenizer)
     print("data: " + json.dumps(data.stats), flush=True)
@@ -107,6 +124,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         l = cfg.lora
         model = apply_lora(model, r=l.r, alpha=l.alpha, dropout=l.dropout, target_modules=l.target_modules,
                            use_dora=l.use_dora, use_rslora=l.use_rslora)
+    apply_speed_switches(cfg, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters", flush=True)
@@ -133,9 +151,7 @@ def _save_adapter_into(model, folder: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:

@@ -50,3 +50,27 @@ def _history(run):
     import json
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     return [r for r in rows if r["split"] == "train"]
+
+
+def test_activation_checkpointing_gives_the_same_loss(tiny_model_dir, tmp_path):
+    data = write_instruction_data(tmp_path / "d.jsonl")
+    losses = []
+    for ac in (False, True):
+        cfg = make_config(tiny_model_dir, data, tmp_path / f"run{ac}", lora=True, max_steps=3,
+                          activation_checkpointing=ac)
+        train(cfg)
+        losses.append([row["loss"] for row in _history(tmp_path / f"run{ac}")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_activation_checkpointing_wraps_every_layer(tiny_model_dir):
+    """The switch routes each decoder layer through torch's checkpoint function (recomputed in backward)."""
+    from tuneforge.config.load import config_from_dict
+    from tuneforge.run import apply_speed_switches
+    for on in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        apply_speed_switches(config_from_dict({"train": {"activation_checkpointing": on}}), model)
+        layers = model.model.layers
+        assert all(layer.gradient_checkpointing == on for layer in layers)
+        if on:
+            assert all("checkpoint" in repr(layer._gradient_checkpointing_func) for layer in layers)

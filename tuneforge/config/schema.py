@@ -89,12 +89,18 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
+    max_bad_steps: int = Field(5, ge=0)
+    """Steps with a non-finite loss or gradient norm that are skipped (with a warning) before the run stops."""
     log_every: int = Field(1, gt=0)
     tensorboard: bool = True
     progress: bool = True
     threads: int | None = Field(None, gt=0)
     """torch intra-op threads; default: all cores."""
     autocast: Literal["none", "bf16", "fp16"] = "none"
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less memory, one more forward pass of compute."""
+    compile: bool = False
+    """torch.compile the model body (first steps pay the compilation)."""
 
 
 class EvalSection(Section):
