@@ -49,7 +49,10 @@ def apply_speed_switches(cfg: RunConfig, model) -> None:
     base = unwrap(model)
     if cfg.train.activation_checkpointing:
         # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen LoRA base
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile:
         base.get_decoder().compile()
 
