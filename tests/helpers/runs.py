@@ -47,3 +47,10 @@ def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.
         "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": lora_dropout},
         "train": train_section, "eval": {"loss": False},
     })
+
+
+def write_config_yaml(cfg, path: Path) -> Path:
+    """A RunConfig as a YAML file, for tests that go through the command line."""
+    import yaml
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow,
 def test_demo_recipe_runs_a_few_steps_on_smollm2(tmp_path):
     cfg = load_config(str(ROOT / "configs" / "demo.yaml"), [
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=2",
-        "train.progress=false", "train.tensorboard=false", "eval.limit=4", f"data.cache_dir={tmp_path / 'cache'}"])
+        "train.progress=false", "train.tensorboard=false", "eval.limit=4", "eval.loss=false", f"data.cache_dir={tmp_path / 'cache'}"])
     results = train(cfg)
     assert results["train"]["steps"] == 3
     assert results["base"]["n"] == 4 and results["tuned"]["n"] == 4
