@@ -22,10 +22,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def fsync_tree(folder: Path) -> None:
+    """Every file and every folder: a sub-folder's entries (a PEFT adapter inside a checkpoint) count too."""
     for f in folder.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif f.is_dir():
+            fsync_dir(f)
     fsync_dir(folder)
 
 
@@ -53,3 +56,20 @@ def atomic_dir(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace a small file (a config, a results summary) so that a kill leaves the old or the new one, whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)

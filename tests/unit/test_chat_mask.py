@@ -107,3 +107,13 @@ def test_mask_matches_response_for_any_text(content):
 
 
 _TOK = make_tiny_tokenizer()
+
+
+def test_conversation_opening_with_an_assistant_turn(tok):
+    """Nothing precedes the first turn, but the template still injects its default system prompt and the turn
+    header there: they are prompt, not response (found by tests/unit/test_properties.py)."""
+    record = ChatRecord([Message("assistant", "Hello, how can I help?"), Message("user", "Add 2 and 3."),
+                         Message("assistant", "5")])
+    ex = tokenize_chat(tok, record)
+    assert supervised_text(tok, ex) == "Hello, how can I help?<|im_end|>5<|im_end|>"
+    assert "tiny helpful assistant" in tok.decode(ex.input_ids)

@@ -18,7 +18,7 @@ import numpy as np
 
 from tuneforge.data.chat import TokenizedExample
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a leading assistant turn no longer supervises the template preamble
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -59,11 +59,19 @@ def prompt_messages(record: ChatRecord, system_prompt: str | None = None) -> lis
     return msgs[:last]
 
 
-def render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False, where: Source | None = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise AuditError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set data.chat_template")
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError  # here, not at the top: only chat templates need jinja2 (as transformers)
+
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        # Templates run in transformers' Jinja sandbox, so an unsafe one fails here (SecurityError) instead of
+        # reaching Python internals; a broken one, or its raise_exception(...), also lands here.
+        raise AuditError(f"{where or 'example'}: the chat template (data.chat_template, or the tokenizer's own) "
+                         f"failed: {type(exc).__name__}: {exc}") from exc
 
 
 def assistant_spans(tokenizer, msgs: list[dict], which: str, where: Source | None = None) -> tuple[str, list]:
@@ -74,14 +82,14 @@ def assistant_spans(tokenizer, msgs: list[dict], which: str, where: Source | Non
     where that marker starts (== end if the template adds none). Raises AuditError if prefix renders are not
     prefixes of the whole render: such a template would train one format and prompt another.
     """
-    text = render(tokenizer, msgs)
+    text = render(tokenizer, msgs, where=where)
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     if which == "last":
         turns = turns[-1:]
     spans = []
     for i in turns:
-        before = render(tokenizer, msgs[:i], add_generation_prompt=True) if i > 0 else ""
-        upto = render(tokenizer, msgs[: i + 1]).rstrip()
+        before = _prompt_before(tokenizer, msgs, i, where)
+        upto = render(tokenizer, msgs[: i + 1], where=where).rstrip()
         content = msgs[i]["content"]
         at = upto.find(content, len(before)) if content else len(upto)
         if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before) and at >= 0):
@@ -90,6 +98,24 @@ def assistant_spans(tokenizer, msgs: list[dict], which: str, where: Source | Non
         eot_start = at + len(content)
         spans.append((len(before), len(upto), eot_start))
     return text, spans
+
+
+_PLACEHOLDER = "\ue000tuneforge-turn\ue001"  # private-use characters: no real content contains them
+
+
+def _prompt_before(tokenizer, msgs: list[dict], i: int, where: Source | None) -> str:
+    """The render of everything before assistant turn i's content: the generation prompt after msgs[:i].
+
+    A conversation may open with an assistant turn (a bot that greets first); there is no prompt to render
+    then, but the template may still put a preamble before it (an injected default system prompt, the turn
+    header). Rendering the turn once with a placeholder content shows where its content starts.
+    """
+    if i > 0:
+        return render(tokenizer, msgs[:i], add_generation_prompt=True, where=where)
+    probe = render(tokenizer, [{**msgs[0], "content": _PLACEHOLDER}], where=where)
+    if _PLACEHOLDER not in probe:
+        raise AuditError(f"{where or 'example'}: the chat template does not render message content verbatim")
+    return probe[:probe.index(_PLACEHOLDER)]
 
 
 def tokenize_chat(tokenizer, record: ChatRecord, mask: str = "assistant", max_length: int = 1024,

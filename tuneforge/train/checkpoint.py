@@ -14,12 +14,19 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.fsutil import atomic_dir
 
 PREFIX = "step-"
+# safetensors reports I/O failures (a full disk included) as SafetensorError, not OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+class CheckpointError(TuneforgeError):
+    """A checkpoint folder that looks complete cannot be read (truncated or damaged after it was written)."""
 
 
 def _write_json(path: Path, obj) -> None:
@@ -70,6 +77,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     """Write `run_dir/checkpoints/step-N` atomically; then prune to the newest `keep_last` complete ones."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
     final = root / f"{PREFIX}{step:08d}"
     try:
         with atomic_dir(final) as tmp:
@@ -81,11 +89,34 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
             _write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "rng": rng_meta, **trainer_state})
             if extra_writer is not None:
                 extra_writer(tmp)  # e.g. the adapter in PEFT format, usable directly
-    except OSError as exc:
-        raise TuneforgeError(f"could not write checkpoint {final}: {exc}; earlier checkpoints are intact") from exc
+    except WRITE_ERRORS as exc:
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise TuneforgeError(f"could not write checkpoint {final}: {exc}; {kept}. Free space (or fix the "
+                             "folder) and continue with --resume") from exc
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Rename, then delete: a kill during the delete leaves a dot-folder that no resume picks up."""
+    trash = folder.with_name(f".{folder.name}.del-{os.getpid()}")
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Delete what killed writes and deletes left behind: `.step-N.tmp-*`, `.step-N.old-*`, `.step-N.del-*`.
+
+    Safe because one run owns its checkpoint folder: nothing else writes there while this process saves.
+    """
+    removed = []
+    for entry in root.iterdir():
+        if entry.name.startswith(f".{PREFIX}") and any(m in entry.name for m in (".tmp-", ".old-", ".del-")):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -102,9 +133,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path):
-    """Returns (weights, optimizer tensors, rng tensors, state json)."""
+    """Returns (weights, optimizer tensors, rng tensors, state json); CheckpointError if a file is damaged."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    return (load_file(path / "weights.safetensors"), load_file(path / "optimizer.safetensors"),
-            load_file(path / "rng.safetensors"), state)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        return (load_file(path / "weights.safetensors"), load_file(path / "optimizer.safetensors"),
+                load_file(path / "rng.safetensors"), state)
+    except (OSError, ValueError, SafetensorError) as exc:  # ValueError covers malformed JSON
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
 
+
+def load_latest(run_dir: str | Path, warn) -> tuple[Path, tuple] | None:
+    """The newest checkpoint that loads, falling back to older ones (with a warning) past damaged ones.
+
+    None when there is no checkpoint; CheckpointError when there are some but none loads, since silently
+    starting over would discard the run.
+    """
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"{exc}; trying the one before")
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {Path(run_dir) / 'checkpoints'} is "
+                              "readable; move them away to start over")
+    return None

@@ -42,6 +42,7 @@ class LoopSettings:
     eval_every: int | None = None
     save_every: int | None = None
     keep_last: int = 2
+    max_bad_steps: int = 5
     log_every: int = 1
     tensorboard: bool = True
     progress: bool = True
@@ -145,9 +146,9 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
     n, total = len(train_data), total_steps(len(train_data), s)
     lengths = tuple(train_data.length(i) for i in range(n)) if s.group_by_length else None
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total)
-    step = 0
-    if resume and (last := ckpt.latest_checkpoint(s.output_dir)) is not None:
-        step = _restore(model, optimizer, last, n, total, s.seed)
+    step, bad_steps = 0, 0
+    if resume:
+        step, bad_steps = _restore(model, optimizer, s.output_dir, n, total, s.seed)
     logger = MetricsLogger(s.output_dir, s.tensorboard)
     progress = Progress(total, step, s.progress)
     result = FitResult(steps=step, train_loss=None)
@@ -162,27 +163,29 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
                        for idx in step_micro_batches(step, n, s, lengths)]
             t0 = time.perf_counter()
             out = objective.step(model, batches, autocast)
-            count = max(out.count, 1)  # under torchrun: all-reduce the count here, the one normalisation point
-            _scale_grads(params, 1.0 / count)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            loss, grad_norm, finite = _update(out, params, optimizer, s.max_grad_norm)
+            step += 1  # a skipped step still consumed its batch and its slot of the schedule: resume stays exact
             dt = time.perf_counter() - t0
             seen_tokens += out.tokens
-            row = {"loss": out.loss_sum / count, "lr": lr, "grad_norm": grad_norm, "count": out.count,
-                   "tokens": out.tokens, "tokens_per_s": out.tokens / dt,
-                   **{k: v / count for k, v in out.metrics.items()}}
-            result.train_loss = row["loss"]
+            count = max(out.count, 1)
+            row = {"loss": loss if finite else None, "lr": lr, "grad_norm": grad_norm if finite else None,
+                   "count": out.count, "tokens": out.tokens, "tokens_per_s": out.tokens / dt,
+                   "skipped": int(not finite), **{k: v / count for k, v in out.metrics.items()}}
+            if not finite:
+                bad_steps += 1
+                logger.log(step, "train", {**row, "bad_steps": bad_steps})
+                _check_bad_step(step, loss, grad_norm, bad_steps, s, progress)
+            else:
+                result.train_loss = loss
+                if step % s.log_every == 0 or step == total:
+                    logger.log(step, "train", row)
             result.history.append(row)
-            if step % s.log_every == 0 or step == total:
-                logger.log(step, "train", row)
-            progress.update(row["loss"], lr, row["tokens_per_s"])
+            progress.update(loss, lr, row["tokens_per_s"])
             if eval_data and s.eval_every and step % s.eval_every == 0 and step < total:
                 _log_eval(model, objective, eval_data, collate, to_device, autocast, step, logger, progress, s)
                 model.train()
             if (s.save_every and step % s.save_every == 0) or stop.raised:
-                _save(model, optimizer, step, s, extra_checkpoint_writer, n, total)
+                _save(model, optimizer, step, s, extra_checkpoint_writer, n, total, bad_steps)
             if stop.raised:
                 progress.write(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
                 result.interrupted = True
@@ -198,6 +201,36 @@ def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data:
     return result
 
 
+def _update(out, params, optimizer, max_grad_norm: float | None) -> tuple[float, float, bool]:
+    """Normalise, clip and apply one step's gradients: (loss, grad norm, finite).
+
+    When the loss or the gradient norm is NaN or infinite the update is not applied (weights and optimizer
+    moments stay as they were), so a checkpoint saved later never holds NaN.
+    """
+    count = max(out.count, 1)  # under torchrun: all-reduce the count here, the one normalisation point
+    loss = float(out.loss_sum) / count
+    _scale_grads(params, 1.0 / count)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, finite
+
+
+def _check_bad_step(step: int, loss: float, grad_norm: float, bad_steps: int, s: LoopSettings, progress) -> None:
+    """Warn about a skipped step; past `max_bad_steps` stop without saving, keeping the last good checkpoint."""
+    what = f"loss {loss}, gradient norm {grad_norm}"
+    if bad_steps > s.max_bad_steps:
+        last = ckpt.latest_checkpoint(s.output_dir)
+        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was saved yet"
+        raise TuneforgeError(
+            f"step {step}: {what}; {bad_steps} steps had a non-finite loss or gradients, more than "
+            f"train.max_bad_steps={s.max_bad_steps}. Stopped without saving; {kept}. Try a lower train.lr, "
+            "train.max_grad_norm, float32 instead of fp16 autocast, or check the data of these steps")
+    progress.write(f"warning: step {step}: {what}; update skipped ({bad_steps} of at most {s.max_bad_steps})")
+
+
 def _log_eval(model, objective, eval_data, collate, to_device, autocast, step, logger, progress, s):
     model.eval()
     size = s.micro_batch_size
@@ -210,16 +243,21 @@ def _log_eval(model, objective, eval_data, collate, to_device, autocast, step, l
     return metrics
 
 
-def _save(model, optimizer, step, s: LoopSettings, extra_writer, n_examples: int, total: int):
+def _save(model, optimizer, step, s: LoopSettings, extra_writer, n_examples: int, total: int, bad_steps: int):
     epoch, batch = divmod(step, steps_per_epoch(n_examples, s))
     # The step alone fixes data position and schedule; the rest is written for people and for checks on resume.
-    state = {"seed": s.seed, "epoch": epoch, "batch_in_epoch": batch, "total_steps": total, "examples": n_examples}
+    state = {"seed": s.seed, "epoch": epoch, "batch_in_epoch": batch, "total_steps": total, "examples": n_examples,
+             "bad_steps": bad_steps}
     ckpt.save_checkpoint(s.output_dir, step, trainable_weights(model), optimizer, state,
                          keep_last=s.keep_last, extra_writer=extra_writer)
 
 
-def _restore(model, optimizer, path, n_examples: int, total: int, seed: int) -> int:
-    weights, opt_tensors, rng_tensors, state = ckpt.load_checkpoint(path)
+def _restore(model, optimizer, run_dir, n_examples: int, total: int, seed: int) -> tuple[int, int]:
+    """(step, bad steps so far) from the newest readable checkpoint; (0, 0) when there is none."""
+    found = ckpt.load_latest(run_dir, warn=lambda message: print(f"warning: {message}", flush=True))
+    if found is None:
+        return 0, 0
+    path, (weights, opt_tensors, rng_tensors, state) = found
     expected = {"examples": n_examples, "total_steps": total, "seed": seed}
     changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k, v) != v}
     if changed:  # a different data set, schedule or seed would silently replay or skip data
@@ -234,4 +272,4 @@ def _restore(model, optimizer, path, n_examples: int, total: int, seed: int) -> 
             param.copy_(weights[name])
     ckpt.optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
     ckpt.set_rng_state(rng_tensors, state["rng"])
-    return int(state["step"])
+    return int(state["step"]), int(state.get("bad_steps", 0))
