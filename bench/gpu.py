@@ -327,7 +327,8 @@ def main(argv=None) -> int:
              f"- {batch} rows x {seq} tokens per step, {warmup} warm-up + {steps} timed steps; "
              f"LoRA r {LORA['r']} all-linear; tuneforge activation checkpointing {'on' if args.ckpt else 'off'}, "
              "TRL gradient checkpointing on (its default)", "",
-             f"| case | side | tok/s | {mem_name} | MFU | tok/s vs TRL | memory vs TRL |", "|---|---|---|---|---|---|---|"]
+             f"| case | side | tok/s | {mem_name} | MFU | tok/s vs TRL | memory vs TRL |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['side']} | error: {r['error'][:120]} | | | | |")
