@@ -522,7 +522,7 @@ def main(argv=None) -> int:
             if dtype == "fp32" and side == "tf-base":
                 label = "baseline (float32, padded)"
             if switches.get("packing"):
-                label += f" ({pack_rows} rows x {args.max_length} per step)"
+                label += f"; {pack_rows} rows x {args.max_length} per step"
             plan.append((case, side, label, switches, run_dtype))
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
