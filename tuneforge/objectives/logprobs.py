@@ -43,10 +43,12 @@ class _FusedNLLSum(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             g = torch.softmax(logits, dim=-1)  # d NLL / d logits = softmax - onehot
+            del logits  # free before the next chunk allocates: peak stays at one chunk of logits
             g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
             grad_h[sl] = (g.to(h.dtype) @ weight.to(h.dtype)).to(grad_h.dtype)
             if need_w:
                 grad_w += g.T @ h.float()
+            del g
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w, ctx.w_dtype = need_w, weight.dtype
         return total
