@@ -165,17 +165,8 @@ def child_trl(spec: dict) -> dict:
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config)
-    batches: list[tuple[int, int]] = []
-    inner = trainer.data_collator
-
-    def counting(examples):
-        out = inner(examples)
-        labels = out["labels"]
-        real = int(out["attention_mask"].sum()) if "attention_mask" in out else int(labels.numel())
-        batches.append((real, int((labels[:, 1:] != -100).sum())))
-        return out
-
-    trainer.data_collator = counting
+    from trl_count import count_batches
+    batches = count_batches(trainer)
     starts, ends, counts = [], [], {}
 
     class Clock(TrainerCallback):

@@ -1,7 +1,7 @@
 """tuneforge versus TRL, side by side: SFT of SmolLM2-135M on variable-length chat data, LoRA and full.
 
     python bench/run.py [--cases lora,full] [--steps 16] [--warmup 3] [--dtype auto|bf16|fp32] [--quick]
-                        [--variants trl,tf-base,tf-bf16,tf-pack,tf-pack-ckpt,tf-group] [--threads N]
+                        [--variants trl,tf-base,tf-fused,tf-pack,tf-varlen,...] [--threads N]
 
 One process tree: this parent measures the machine's matrix-product rate (bench/matmul.py), writes the data
 (bench/data.py), then runs every (case, side) in its own child process, so each peak RSS belongs to one run.
@@ -20,8 +20,11 @@ Sides
   dtype is bf16, AdamW, linear schedule), no logging integrations, no checkpoints.
 - trl-pack (opt-in): the same with `packing=True` (TRL's bfd packing, padding-free).
 - tf-*: tuneforge through `tuneforge.run.train` with a RunConfig (method sft, LoRA or full), a ladder of
-  switches: tf-base (float32, padded), tf-bf16 (+ bf16 autocast), tf-pack (+ packing), tf-pack-ckpt
-  (+ activation checkpointing: the lean point), tf-group (group_by_length instead of packing).
+  switches (TF_VARIANTS): tf-base (float32, padded, transformers' sdpa attention, PEFT's own dropout),
+  tf-fused (+ fused LoRA dropout, LoRA only), tf-bf16 (+ bf16 autocast, bf16 machines only), tf-pack
+  (+ packing, transformers' masked sdpa), tf-varlen (+ tuneforge_varlen attention: tuneforge's defaults, the
+  fast point), tf-varlen-ckpt (+ activation checkpointing: the lean point), tf-group (the defaults with
+  group_by_length instead of packing).
 
 Compute dtype: `--dtype auto` picks bf16 when the measured bf16 matmul rate beats float32, else float32 (a CPU
 without native bf16, e.g. AVX2-only, multiplies bf16 10-20x slower; autocast would then only measure that).
@@ -64,15 +67,19 @@ MASK_TF = "assistant turns + <|im_end|> (data.mask=assistant)"
 
 # tuneforge ladder: name -> (label, switches). "dt" is replaced by the compute dtype.
 TF_VARIANTS = {
-    "tf-base": ("baseline: float32, padded", {"autocast": "none"}),
-    "tf-bf16": ("+ bf16 autocast", {"autocast": "dt"}),
-    "tf-pack": ("+ packing", {"autocast": "dt", "packing": True}),
-    "tf-pack-ckpt": ("+ activation checkpointing (lean)", {"autocast": "dt", "packing": True, "ckpt": True}),
-    "tf-group": ("group_by_length instead of packing", {"autocast": "dt", "group": True}),
+    "tf-base": ("baseline: float32, padded, transformers' sdpa, PEFT's dropout",
+                {"autocast": "none", "attn": "sdpa", "fused": False}),
+    "tf-fused": ("+ fused LoRA dropout", {"autocast": "none", "attn": "sdpa"}),
+    "tf-bf16": ("+ bf16 autocast", {"autocast": "dt", "attn": "sdpa"}),
+    "tf-pack": ("+ packing (sdpa mask)", {"autocast": "dt", "packing": True, "attn": "sdpa"}),
+    "tf-varlen": ("+ varlen attention (the defaults)", {"autocast": "dt", "packing": True}),
+    "tf-varlen-ckpt": ("+ activation checkpointing (lean)", {"autocast": "dt", "packing": True, "ckpt": True}),
+    "tf-group": ("defaults, group_by_length instead of packing", {"autocast": "dt", "group": True}),
 }
 TRL_VARIANTS = {"trl": ("SFTTrainer, docs config", {}), "trl-pack": ("SFTTrainer, packing=True", {"packing": True})}
-DEFAULT_VARIANTS = {"lora": ["trl", "tf-base", "tf-bf16", "tf-pack", "tf-pack-ckpt", "tf-group"],
-                    "full": ["trl", "tf-base", "tf-bf16", "tf-pack", "tf-pack-ckpt"]}
+DEFAULT_VARIANTS = {"lora": ["trl", "tf-base", "tf-fused", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt",
+                             "tf-group"],
+                    "full": ["trl", "tf-base", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt"]}
 
 
 # ---------------------------------------------------------------------------------------------- child helpers
@@ -150,11 +157,11 @@ def child_tuneforge(spec: dict) -> dict:
     work = Path(spec["workdir"])
     cfg = RunConfig.model_validate({
         "method": "sft",
-        "model": {"name": spec["model"]},
+        "model": {"name": spec["model"], "attn_implementation": sw.get("attn")},
         "data": {"train": spec["data"], "max_length": spec["max_length"], "mask": "assistant",
                  "packing": bool(sw.get("packing")), "group_by_length": bool(sw.get("group")),
                  "cache_dir": str(work / "tokcache")},
-        "lora": {"enabled": spec["case"] == "lora", **LORA},
+        "lora": {"enabled": spec["case"] == "lora", **LORA, "fused_dropout": sw.get("fused", True)},
         "train": {"output_dir": str(work / "run"), "micro_batch_size": spec["rows"] if sw.get("packing")
                   else spec["batch"], "grad_accum": 1,
                   "epochs": 1, "autocast": sw.get("autocast", "none"),
@@ -260,17 +267,8 @@ def child_trl(spec: dict) -> dict:
     clock, info = StepClock(), {"trl_version": trl.__version__,
                                 "gradient_checkpointing": args.gradient_checkpointing, "optim": str(args.optim),
                                 "lr": args.learning_rate}
-    batches: list[tuple[int, int]] = []
-    inner = trainer.data_collator
-
-    def counting_collator(examples):
-        out = inner(examples)
-        labels = out["labels"]
-        real = int(out["attention_mask"].sum()) if "attention_mask" in out else int(labels.numel())
-        batches.append((real, int((labels[:, 1:] != -100).sum())))
-        return out
-
-    trainer.data_collator = counting_collator
+    from trl_count import count_batches
+    batches = count_batches(trainer)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args_, state, control, **kw):
@@ -519,8 +517,6 @@ def main(argv=None) -> int:
                 run_dtype = dtype
             else:
                 raise SystemExit(f"unknown variant {side}")
-            if dtype == "fp32" and side == "tf-base":
-                label = "baseline (float32, padded)"
             if switches.get("packing"):
                 label += f"; {pack_rows} rows x {args.max_length} per step"
             plan.append((case, side, label, switches, run_dtype))

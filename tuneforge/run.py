@@ -38,15 +38,23 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
                                       attn_implementation=cfg.model.attn_implementation)
     if cfg.data.chat_template:
         tokenizer.chat_template = cfg.data.chat_template
+    if cfg.model.attn_implementation is None:
+        from tuneforge.models.attention import register, supports_varlen
+        if supports_varlen(model.config):
+            model.set_attn_implementation(register())
     if device is not None:
         model.to(device)
     return model, tokenizer
 
 
 def apply_speed_switches(cfg: RunConfig, model) -> None:
-    """Activation checkpointing and torch.compile, both on the transformers model (under any PEFT wrapper)."""
+    """Fused LoRA dropout, activation checkpointing and torch.compile (on the transformers model, under any
+    PEFT wrapper)."""
     from tuneforge.objectives.functional import unwrap
     base = unwrap(model)
+    if cfg.lora.enabled and cfg.lora.fused_dropout:
+        from tuneforge.adapters.fused_dropout import fuse_lora_dropout
+        fuse_lora_dropout(model)
     if cfg.train.activation_checkpointing:
         # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen LoRA base
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name

@@ -24,6 +24,9 @@ class ModelSection(Section):
     """Storage dtype of the weights. Keep float32 master weights for training; use train.autocast for speed."""
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    """None: "tuneforge_varlen" (models/attention.py: packed examples attend only within themselves, no mask
+    built) for the decoder families it is checked on (llama, qwen2, qwen3 without sliding windows), else
+    transformers' default. Any transformers name ("sdpa", "eager", "flash_attention_2", ...) is passed on."""
 
 
 class DataSection(Section):
@@ -66,6 +69,9 @@ class LoraSection(Section):
     target_modules: str | list[str] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
+    fused_dropout: bool = True
+    """Train with dropout fused into each adapter's A projection (adapters/fused_dropout.py): same maths as
+    PEFT's dropout, without its float32 copy of every adapted layer's input. False runs PEFT's own path."""
 
 
 class TrainSection(Section):

@@ -169,6 +169,9 @@ def load_causal_lm(spec, dtype="float32", trust_remote_code: bool = False, cache
     location, config = _prepare_location(spec, cache_dir, trust_remote_code, causal=True)
     kwargs = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
+        from tuneforge.models import attention
+        if attn_implementation == attention.NAME:
+            attention.register()
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs)

@@ -1,0 +1,144 @@
+"""Fused LoRA dropout (tuneforge/adapters/fused_dropout.py) equals PEFT's dropout -> lora_A -> lora_B."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tuneforge.adapters.fused_dropout import (DropoutLinear, dropout_keep_mask, fuse_lora_dropout,
+                                              unfuse_lora_dropout)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_mask_rate_and_independence(p):
+    torch.manual_seed(0)
+    n = 400_000
+    keep = dropout_keep_mask((n,), p)
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
+    # both 16-bit lanes of a draw carry the same rate, and neighbours are uncorrelated
+    even, odd = keep[0::2].float(), keep[1::2].float()
+    assert abs(even.mean().item() - odd.mean().item()) < 6 * ((p * (1 - p) / (n / 2)) ** 0.5)
+    corr = torch.corrcoef(torch.stack([even, odd]))[0, 1].item()
+    assert abs(corr) < 0.01
+
+
+def test_keep_mask_odd_shapes_and_seed():
+    torch.manual_seed(3)
+    a = dropout_keep_mask((3, 5, 7), 0.2)
+    torch.manual_seed(3)
+    b = dropout_keep_mask((3, 5, 7), 0.2)
+    assert a.shape == (3, 5, 7) and a.dtype == torch.bool and torch.equal(a, b)
+    assert dropout_keep_mask((1,), 0.0).all()
+
+
+def _reference(x, a_weight, b_weight, keep, p, scaling):
+    dropped = x * keep / (1 - p)
+    return (dropped @ a_weight.t()) @ b_weight.t() * scaling
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 12), (5, 12)])
+def test_fused_branch_equals_plain_values_and_grads(shape):
+    p, scaling = 0.3, 2.0
+    torch.manual_seed(1)
+    layer_a = nn.Linear(12, 4, bias=False)
+    b = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
+    layer_a.__class__ = DropoutLinear
+    layer_a.p = p
+
+    torch.manual_seed(42)
+    out = (layer_a(x) @ b.t()) * scaling
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = (out.detach(), x.grad.clone(), layer_a.weight.grad.clone(), b.grad.clone())
+
+    torch.manual_seed(42)  # the same draws give the same mask
+    keep = dropout_keep_mask(x.shape, p)
+    x2 = x.detach().clone().requires_grad_(True)
+    a2 = layer_a.weight.detach().clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True)
+    ref = _reference(x2, a2, b2, keep, p, scaling)
+    ref.backward(grad)
+    for g, r in zip(got, (ref.detach(), x2.grad, a2.grad, b2.grad)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert not keep.all()  # the test exercised real dropout
+
+
+def test_eval_mode_is_plain_linear():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3, bias=False)
+    x = torch.randn(4, 8)
+    expected = layer(x)
+    layer.__class__ = DropoutLinear
+    layer.p = 0.5
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected)
+
+
+def _peft_model(tiny_model_dir, dropout, use_dora=False):
+    from tuneforge.adapters.lora import apply_lora
+    from tuneforge.models.load import load_causal_lm
+    model, _ = load_causal_lm(str(tiny_model_dir))
+    torch.manual_seed(0)
+    return apply_lora(model, r=4, alpha=8, dropout=dropout, use_dora=use_dora)
+
+
+def test_fuse_on_peft_model_keeps_state_and_eval_outputs(tiny_model_dir):
+    model = _peft_model(tiny_model_dir, 0.1)
+    keys = sorted(model.state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    n = fuse_lora_dropout(model)
+    assert n > 0
+    assert sorted(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    model.train()  # training with the fused path runs forward and backward
+    out = model(input_ids=ids).logits.sum()
+    out.backward()
+    assert all(p.grad is not None for n_, p in model.named_parameters() if p.requires_grad)
+    assert unfuse_lora_dropout(model) == n
+    assert not any(isinstance(m, DropoutLinear) for m in model.modules())
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.1 for m in model.modules())
+
+
+def _mask_source(p):
+    """Masks in call order from a private generator: each side of a comparison gets its own, equal, stream."""
+    gen = torch.Generator().manual_seed(7)
+    return lambda shape: torch.rand(shape, generator=gen) >= p
+
+
+def test_fused_training_step_matches_peft_with_the_same_masks(tiny_model_dir, monkeypatch):
+    import tuneforge.adapters.fused_dropout as fd
+    p = 0.2
+    torch.manual_seed(5)
+    ids = torch.randint(0, 100, (2, 9))
+    grads = []
+    for fused in (False, True):
+        model = _peft_model(tiny_model_dir, p)
+        for name, param in model.named_parameters():  # lora_B starts at zero; make the branch matter
+            if "lora_B" in name:
+                with torch.no_grad():
+                    param.copy_(torch.randn_like(param) * 0.1)
+        masks = _mask_source(p)
+        if fused:
+            assert fuse_lora_dropout(model) > 0
+            monkeypatch.setattr(fd, "dropout_drop_mask", lambda shape, p_, device=None: ~masks(shape))
+        else:
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.forward = lambda x: x * masks(x.shape) / (1 - p)
+        model.train()
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad})
+        monkeypatch.undo()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_dora_and_zero_dropout_left_alone(tiny_model_dir):
+    assert fuse_lora_dropout(_peft_model(tiny_model_dir, 0.0)) == 0
+    assert fuse_lora_dropout(_peft_model(tiny_model_dir, 0.1, use_dora=True)) == 0

@@ -1,0 +1,132 @@
+"""LoRA dropout fused into the adapter's down-projection: the same mathematics as PEFT, less memory and time.
+
+PEFT computes a LoRA branch as `lora_B(lora_A(dropout(x)))`. In training that costs, for every adapted
+layer, a float32 copy of its input (the dropped-out `x`, kept by `lora_A` for its weight gradient) plus a
+one-byte mask, and a Bernoulli draw per element, which PyTorch's CPU generator makes at ~6 ns each.
+Measured on SmolLM2-135M (LoRA on every linear layer, p = 0.05, 4 packed rows of 512 tokens, 2-core CPU,
+float32): dropout took 2.0 s of a 12.4 s step and 1.8 GB of its 8.0 GB peak resident memory.
+
+`DropoutLinear` replaces the `lora_A` module and does `dropout + linear` in one autograd function:
+- it saves the undropped input (usually alive anyway: the projections of one layer share it) and the
+  mask, never the dropped copy, which is recomputed in the backward pass (one multiply);
+- the mask comes from 32-bit random integers split into two 16-bit lanes, so one generator draw serves
+  two elements; the keep probability is exact to 2^-15, the draws use torch's default generator (seeded by
+  `torch.manual_seed`, replayed by activation checkpointing's recompute).
+
+It is a subclass of `nn.Linear` with the same `weight`, so state dicts, PEFT's adapter files, merging and
+evaluation are unchanged; in eval mode (or with p = 0) it is a plain linear layer. The PEFT dropout module
+of a fused adapter becomes `nn.Identity`; `unfuse_lora_dropout` restores both.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The two 16-bit halves of a non-negative int32 draw (uniform over [0, 2^31)): the low half is uniform over
+# all 65536 int16 values, the high half over [0, 32767]. Which half comes first in memory is the byte order.
+_LOW_FIRST = sys.byteorder == "little"
+
+
+def dropout_drop_mask(shape, p: float, device=None) -> torch.Tensor:
+    """Boolean mask of `shape`, each element True (dropped) with probability p (to within 2^-15),
+    independently; one int32 draw of torch's default generator serves two elements."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    draws = torch.empty(((n + 1) // 2,), dtype=torch.int32, device=device).random_()
+    lanes = draws.view(torch.int16).view(-1, 2)
+    low_cut = -32768 + round(p * 65536)  # low half: uniform over [-32768, 32767]
+    high_cut = round(p * 32768)  # high half: uniform over [0, 32767]
+    cuts = torch.tensor((low_cut, high_cut) if _LOW_FIRST else (high_cut, low_cut), dtype=torch.int16,
+                        device=device)
+    return torch.lt(lanes, cuts).view(-1)[:n].view(shape)
+
+
+def dropout_keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """The complement of `dropout_drop_mask` (True = kept, probability 1 - p)."""
+    return ~dropout_drop_mask(shape, p, device)
+
+
+class _DropoutLinearFn(torch.autograd.Function):
+    # The mask is stored as "dropped" (True = zeroed) so that applying it is one masked_fill, with no bool ->
+    # float conversion; the 1/(1-p) scale is applied to the rank-r side, which is r/d times smaller.
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        dropped = dropout_drop_mask(x.shape, p, device=x.device)
+        scale = 1.0 / (1.0 - p)
+        out = F.linear(x.masked_fill(dropped, 0.0), weight).mul_(scale)
+        ctx.save_for_backward(x, weight, dropped)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, dropped = ctx.saved_tensors
+        grad_x = grad_w = None
+        grad_scaled = grad_out * ctx.scale
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_scaled.matmul(weight.to(grad_out.dtype)).masked_fill_(dropped, 0.0)
+        if ctx.needs_input_grad[1]:
+            kept = x.masked_fill(dropped, 0.0)
+            grad_w = grad_scaled.reshape(-1, grad_out.shape[-1]).t().matmul(
+                kept.reshape(-1, kept.shape[-1]).to(grad_out.dtype)).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class DropoutLinear(nn.Linear):
+    """`nn.Linear` (no bias) whose input is dropped out with probability `p` in training; see module doc."""
+
+    p: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or not torch.is_grad_enabled():
+            if self.training and self.p > 0.0:  # no autograd (e.g. a no_grad forward in training mode)
+                dropped = dropout_drop_mask(x.shape, self.p, x.device)
+                return F.linear(x.masked_fill(dropped, 0.0), self.weight) / (1.0 - self.p)
+            return F.linear(x, self.weight)
+        return _DropoutLinearFn.apply(x, self.weight, self.p)
+
+
+def fuse_lora_dropout(model) -> int:
+    """Fuse every plain LoRA adapter's dropout into its `lora_A` (see module doc); returns how many.
+
+    Left alone: adapters with p = 0 (nothing to fuse), DoRA and other PEFT variants (their forward reads the
+    dropout module itself), a `lora_A` with a bias, and non-Linear `lora_A`s (embeddings, convolutions).
+    """
+    fused = 0
+    for module in model.modules():
+        lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
+        if not isinstance(lora_a, nn.ModuleDict) or not isinstance(dropouts, nn.ModuleDict):
+            continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        for name, a in lora_a.items():
+            drop = dropouts[name] if name in dropouts else None
+            if (not isinstance(drop, nn.Dropout) or drop.p == 0.0 or name in variants
+                    or type(a) is not nn.Linear or a.bias is not None):
+                continue
+            a.__class__ = DropoutLinear
+            a.p = float(drop.p)
+            dropouts[name] = nn.Identity()
+            fused += 1
+    return fused
+
+
+def unfuse_lora_dropout(model) -> int:
+    """Undo `fuse_lora_dropout`: plain `nn.Linear` + `nn.Dropout(p)` again (PEFT's own forward)."""
+    restored = 0
+    for module in model.modules():
+        lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
+        if not isinstance(lora_a, nn.ModuleDict) or not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, a in lora_a.items():
+            if isinstance(a, DropoutLinear):
+                p = a.p
+                a.__class__ = nn.Linear
+                del a.p
+                dropouts[name] = nn.Dropout(p)
+                restored += 1
+    return restored

@@ -1,0 +1,122 @@
+"""`varlen_sdpa`: block-diagonal causal attention for packed rows without a mask, on any device.
+
+transformers isolates packed examples (position ids that restart) with a (B, 1, T, T) boolean mask; with a
+mask, PyTorch's SDPA kernels cannot skip anything: every row pays full T x T attention, and on the CPU the
+masked flash kernel's backward is slow. This implementation reads the example boundaries from the position
+ids and runs SDPA with `is_causal=True` on each example's slice: no mask is built, the kernels skip the
+upper triangle, and no work is spent between examples. Measured on SmolLM2-135M, LoRA, 4 rows x 512 tokens
+holding ~230-token examples (2-core CPU, float32, torch profiler): attention forward + backward per step went
+from 2.2 s to 1.3 s, the whole step from 11.7 s to 10.9 s.
+
+Right-padded training batches need no mask either: under causal attention a real token only attends to
+earlier, real tokens, so they run as one `is_causal` call (pad positions compute values nobody reads).
+
+Registered with transformers' attention and mask interfaces as "tuneforge_varlen". Whenever a padding
+mask is still needed (left-padded generation), or keys outnumber queries (decoding with a cache), it hands
+over to transformers' own SDPA path unchanged, so generation behaves exactly as with "sdpa".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tuneforge_varlen"
+_registered = False
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) spans of consecutive positions (a new span wherever the next position is not
+    previous + 1). A row without restarts is one span."""
+    rows = position_ids.shape[0]
+    length = position_ids.shape[1]
+    if length == 0:
+        return [[] for _ in range(rows)]
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    out = []
+    for r in range(rows):
+        s = torch.nonzero(starts[r]).flatten().tolist()
+        out.append(list(zip(s, s[1:] + [length])))
+    return out
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                is_causal=None, **kwargs):
+    """transformers attention-interface function: query (B, Hq, T, D), key/value (B, Hkv, T, D)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if (attention_mask is not None or not causal or q_len != kv_len or q_len <= 1
+            or kwargs.get("position_bias") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    if position_ids is None:
+        spans = [[(0, q_len)]] * query.shape[0]
+    else:
+        if position_ids.shape[0] != query.shape[0]:
+            position_ids = position_ids.expand(query.shape[0], -1)
+        spans = segment_bounds(position_ids)
+    if all(len(s) == 1 for s in spans):  # no packing: one causal call for the whole batch
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                             enable_gqa=gqa)
+    else:
+        rows = []
+        for r, row_spans in enumerate(spans):
+            parts = [F.scaled_dot_product_attention(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b],
+                                                    value[r:r + 1, :, a:b], dropout_p=dropout, scale=scaling,
+                                                    is_causal=True, enable_gqa=gqa)
+                     for a, b in row_spans]
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        out = torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row is real tokens then padding (never a real token after a pad)."""
+    m = mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """No mask when there is no padding (examples are told apart by position ids), nor for right padding
+    without a cache (training and loss evaluation: under causal attention a real token only sees earlier,
+    real tokens; pad positions get outputs nobody reads). Otherwise (left padding, decoding) SDPA's mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    q_length, kv_length, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
+    if (attention_mask.dim() == 2 and q_length == kv_length == attention_mask.shape[-1]
+            and not bool(torch.as_tensor(q_offset).any()) and _right_padded(attention_mask)):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+_CHECKED_FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def supports_varlen(config) -> bool:
+    """Families whose attention is plain causal softmax attention with no sliding window, soft-capping or
+    position bias, which is all `varlen_sdpa` implements (tested: tests/unit/test_varlen_attention.py)."""
+    if getattr(config, "model_type", None) not in _CHECKED_FAMILIES:
+        return False
+    if getattr(config, "use_sliding_window", False):
+        return False
+    return not any(t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
+
+
+def register() -> str:
+    """Make "tuneforge_varlen" a valid `attn_implementation` for transformers models; returns the name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, varlen_sdpa)
+        AttentionMaskInterface.register(NAME, _varlen_mask)
+        _registered = True
+    return NAME
