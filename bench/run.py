@@ -75,6 +75,10 @@ TF_VARIANTS = {
     "tf-varlen": ("+ varlen attention (the defaults)", {"autocast": "dt", "packing": True}),
     "tf-varlen-ckpt": ("+ activation checkpointing (lean)", {"autocast": "dt", "packing": True, "ckpt": True}),
     "tf-group": ("defaults, group_by_length instead of packing", {"autocast": "dt", "group": True}),
+    "tf-varlen-mb1": ("defaults, one packed row per micro-batch (grad_accum = rows)",
+                      {"autocast": "dt", "packing": True, "accum": True}),
+    "tf-varlen-mb1-ckpt": ("+ activation checkpointing, one row per micro-batch",
+                           {"autocast": "dt", "packing": True, "accum": True, "ckpt": True}),
 }
 TRL_VARIANTS = {"trl": ("SFTTrainer, docs config", {}), "trl-pack": ("SFTTrainer, packing=True", {"packing": True})}
 DEFAULT_VARIANTS = {"lora": ["trl", "tf-base", "tf-fused", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt",
@@ -162,8 +166,9 @@ def child_tuneforge(spec: dict) -> dict:
                  "packing": bool(sw.get("packing")), "group_by_length": bool(sw.get("group")),
                  "cache_dir": str(work / "tokcache")},
         "lora": {"enabled": spec["case"] == "lora", **LORA, "fused_dropout": sw.get("fused", True)},
-        "train": {"output_dir": str(work / "run"), "micro_batch_size": spec["rows"] if sw.get("packing")
-                  else spec["batch"], "grad_accum": 1,
+        "train": {"output_dir": str(work / "run"),
+                  "micro_batch_size": 1 if sw.get("accum") else spec["rows"] if sw.get("packing") else spec["batch"],
+                  "grad_accum": spec["rows"] if sw.get("accum") else 1,
                   "epochs": 1, "autocast": sw.get("autocast", "none"),
                   "activation_checkpointing": bool(sw.get("ckpt")), "tensorboard": False, "progress": False,
                   "log_every": 1000000, "seed": 0},

@@ -40,7 +40,8 @@ def write_text_data(folder: Path, docs: int = 12, seed: int = 0) -> Path:
 
 def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.0, **train_kw):
     train_section = {"output_dir": str(out), "max_steps": 8, "micro_batch_size": 4, "lr": 3e-3,
-                     "progress": False, "tensorboard": False, "warmup_ratio": 0.0, **train_kw}
+                     "progress": False, "tensorboard": False, "warmup_ratio": 0.0,
+                     "autocast": "none", **train_kw}  # float32 on every machine: exact invariants
     data = {"train": str(train), "max_length": 64 if method == "clm" else 256}
     return config_from_dict({
         "method": method, "model": {"name": str(model_dir)}, "data": data,

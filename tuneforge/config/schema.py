@@ -102,7 +102,9 @@ class TrainSection(Section):
     progress: bool = True
     threads: int | None = Field(None, gt=0)
     """torch intra-op threads; default: all cores."""
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    autocast: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    """auto: bf16 where the hardware multiplies bf16 natively (CUDA with bf16; CPUs with AMX or AVX512-BF16),
+    else none (float32): on an AVX2-only CPU bf16 matmuls run 10-20x slower than float32 (bench/matmul.py)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward: less memory, one more forward pass of compute."""
     compile: bool = False

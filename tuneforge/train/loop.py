@@ -61,7 +61,32 @@ class FitResult:
     interrupted: bool = False
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16 in /proc/cpuinfo: bf16 matmuls at least as fast as float32 (Linux x86; else False)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_autocast(kind: str, device: torch.device) -> str:
+    """`train.autocast` with "auto" decided for `device`: bf16 where it is native, else none."""
+    if kind != "auto":
+        return kind
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "none"
+    return "none"
+
+
 def make_autocast(kind: str, device: torch.device):
+    kind = resolve_autocast(kind, device)
     if kind == "none":
         return contextlib.nullcontext
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[kind]
