@@ -103,3 +103,14 @@ def test_right_padded_batch_equals_sdpa_on_real_tokens(model, monkeypatch):
     got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-6)
     assert seen and all(seen)  # no mask was built: every attention call was a plain causal one
+
+
+def test_spans_are_recomputed_for_every_new_batch(model):
+    """Batches of the same shape, one after another: each is isolated by its own boundaries."""
+    model.set_attn_implementation(register())
+    torch.manual_seed(3)
+    for pos in (torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), torch.tensor([[0, 1, 0, 1, 2, 3, 4, 5]]),
+                torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])):
+        ids = torch.randint(3, 100, (1, 8))
+        packed = model(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits
+        torch.testing.assert_close(packed, _alone(model, ids, pos), rtol=1e-4, atol=1e-5)

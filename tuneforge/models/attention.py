@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 NAME = "tuneforge_varlen"
 _registered = False
+# (position_ids tensor, its version, rows, spans): every layer of a forward pass gets the same tensor object.
+# Holding the tensor itself (not its address) means a later batch can never be mistaken for it.
+_spans_cache: tuple | None = None
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -41,6 +44,19 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
+def _spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    """segment_bounds for the attention's batch, computed once per forward pass, not once per layer."""
+    global _spans_cache
+    c = _spans_cache
+    if c is not None and c[0] is position_ids and c[1] == position_ids._version and c[2] == rows:
+        return c[3]
+    spans = segment_bounds(position_ids)
+    if len(spans) != rows:  # (1, T) positions shared by every row
+        spans = spans * rows if len(spans) == 1 else segment_bounds(position_ids.expand(rows, -1))
+    _spans_cache = (position_ids, position_ids._version, rows, spans)
+    return spans
+
+
 def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                 is_causal=None, **kwargs):
     """transformers attention-interface function: query (B, Hq, T, D), key/value (B, Hkv, T, D)."""
@@ -54,12 +70,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    if position_ids is None:
-        spans = [[(0, q_len)]] * query.shape[0]
-    else:
-        if position_ids.shape[0] != query.shape[0]:
-            position_ids = position_ids.expand(query.shape[0], -1)
-        spans = segment_bounds(position_ids)
+    spans = [[(0, q_len)]] * query.shape[0] if position_ids is None else _spans(position_ids, query.shape[0])
     if all(len(s) == 1 for s in spans):  # no packing: one causal call for the whole batch
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
                                              enable_gqa=gqa)
