@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import random
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
+
+from common import serve, spawn  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, vocab_size=128256, head_dim=64, rms_norm_eps=1e-5,
@@ -165,7 +166,7 @@ def child_trl(spec: dict) -> dict:
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config)
-    from trl_count import count_batches
+    from common import count_batches
     batches = count_batches(trainer)
     starts, ends, counts = [], [], {}
 
@@ -217,26 +218,9 @@ def summarise(starts, end, real, sup, warmup) -> dict:
 
 def run_child(spec: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="tf-gpu-") as tmp:
-        spec = {**spec, "workdir": tmp}
-        spec_file, result_file, log = Path(tmp) / "spec.json", Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        spec_file.write_text(json.dumps(spec))
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "HF_DATASETS_CACHE": str(Path(tmp) / "hf")}
-        t0 = time.perf_counter()
-        try:
-            with open(log, "w") as f:
-                proc = subprocess.run([sys.executable, __file__, "--child", str(spec_file), "--result",
-                                       str(result_file)], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                      timeout=timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        wall = time.perf_counter() - t0
-        if rc != 0 or not result_file.exists():
-            tail = log.read_text(errors="replace").strip().splitlines()[-4:]
-            return {"error": f"exit {rc}: " + " | ".join(tail), "wall_seconds": wall}
-        return {**json.loads(result_file.read_text()), "wall_seconds": wall}
+        t = Path(tmp)
+        return spawn(__file__, {**spec, "workdir": tmp}, t / "spec.json", t / "result.json", t / "log.txt",
+                     timeout=timeout, tail=4)
 
 
 def main(argv=None) -> int:
@@ -256,10 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        res = child_trl(spec) if spec["side"] == "trl" else child_tuneforge(spec)
-        Path(args.result).write_text(json.dumps(res, default=str))
+    if serve(args, child_trl, child_tuneforge):
         return 0
 
     smoke = args.cpu_smoke

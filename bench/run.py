@@ -59,6 +59,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
+
+from common import serve, spawn  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 WORK = BENCH / "work"
 
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
@@ -272,7 +274,7 @@ def child_trl(spec: dict) -> dict:
     clock, info = StepClock(), {"trl_version": trl.__version__,
                                 "gradient_checkpointing": args.gradient_checkpointing, "optim": str(args.optim),
                                 "lr": args.learning_rate}
-    from trl_count import count_batches
+    from common import count_batches
     batches = count_batches(trainer)
 
     class Clock(TrainerCallback):
@@ -324,23 +326,7 @@ def _mask_parity(dataset, records, tok, original_template, spec) -> dict:
 
 def run_child(spec: dict, log: Path, extra_env: dict | None = None) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
-    spec_file = log.with_suffix(".spec.json")
-    result_file = log.with_suffix(".result.json")
-    spec_file.write_text(json.dumps(spec))
-    result_file.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_CACHE": str(Path(spec["workdir"]) / "hf-datasets"),
-           **(extra_env or {})}
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_file), "--result", str(result_file)],
-                              stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not result_file.exists():
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "wall_seconds": wall}
-    return {**json.loads(result_file.read_text()), "wall_seconds": wall}
+    return spawn(__file__, spec, log.with_suffix(".spec.json"), log.with_suffix(".result.json"), log, extra_env)
 
 
 def ensure_data(n: int, seed: int, min_tokens: int, max_tokens: int) -> tuple[Path, dict]:
@@ -471,10 +457,7 @@ def main(argv=None) -> int:
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        res = child_trl(spec) if spec["side"].startswith("trl") else child_tuneforge(spec)
-        Path(args.result).write_text(json.dumps(res, default=str))
+    if serve(args, child_trl, child_tuneforge):
         return 0
 
     steps = args.steps or (2 if args.quick else 16)

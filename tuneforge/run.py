@@ -47,11 +47,6 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
     return model, tokenizer
 
 
-def unwrap_config(model):
-    from tuneforge.objectives.functional import unwrap
-    return unwrap(model).config
-
-
 def apply_speed_switches(cfg: RunConfig, model) -> None:
     """Fused LoRA dropout, activation checkpointing and torch.compile (on the transformers model, under any
     PEFT wrapper)."""
@@ -144,9 +139,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters", flush=True)
+    from tuneforge.objectives.functional import unwrap
     from tuneforge.train.loop import resolve_autocast
     print(f"compute: {device.type}, autocast {resolve_autocast(cfg.train.autocast, device)}, attention "
-          f"{getattr(unwrap_config(model), '_attn_implementation', None)}", flush=True)
+          f"{getattr(unwrap(model).config, '_attn_implementation', None)}", flush=True)
     writer = (lambda d: _save_adapter_into(model, d)) if cfg.lora.enabled else None
     train_rows, eval_rows, collate_fn = batching(cfg, data, tokenizer)
     fitted = fit(model, make_objective(cfg.method), train_rows, collate_fn, loop_settings(cfg),

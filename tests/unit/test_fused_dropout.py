@@ -4,8 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tuneforge.adapters.fused_dropout import (DropoutLinear, dropout_keep_mask, fuse_lora_dropout,
-                                              unfuse_lora_dropout)
+from tuneforge.adapters.fused_dropout import DropoutLinear, dropout_drop_mask, fuse_lora_dropout, unfuse_lora_dropout
+
+
+def dropout_keep_mask(shape, p):
+    return ~dropout_drop_mask(shape, p)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -142,3 +145,18 @@ def test_fused_training_step_matches_peft_with_the_same_masks(tiny_model_dir, mo
 def test_dora_and_zero_dropout_left_alone(tiny_model_dir):
     assert fuse_lora_dropout(_peft_model(tiny_model_dir, 0.0)) == 0
     assert fuse_lora_dropout(_peft_model(tiny_model_dir, 0.1, use_dora=True)) == 0
+
+
+def test_training_mode_without_grad_still_drops_out():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3, bias=False)
+    x = torch.randn(6, 8)
+    layer.__class__ = DropoutLinear
+    layer.p = 0.25
+    layer.train()
+    torch.manual_seed(9)
+    with torch.no_grad():
+        got = layer(x)
+    torch.manual_seed(9)
+    keep = dropout_keep_mask(x.shape, 0.25)
+    torch.testing.assert_close(got, (x * keep / 0.75) @ layer.weight.t(), rtol=1e-5, atol=1e-6)

@@ -46,11 +46,6 @@ def dropout_drop_mask(shape, p: float, device=None) -> torch.Tensor:
     return torch.lt(lanes, cuts).view(-1)[:n].view(shape)
 
 
-def dropout_keep_mask(shape, p: float, device=None) -> torch.Tensor:
-    """The complement of `dropout_drop_mask` (True = kept, probability 1 - p)."""
-    return ~dropout_drop_mask(shape, p, device)
-
-
 class _DropoutLinearFn(torch.autograd.Function):
     # The mask is stored as "dropped" (True = zeroed) so that applying it is one masked_fill, with no bool ->
     # float conversion; the 1/(1-p) scale is applied to the rank-r side, which is r/d times smaller.
@@ -83,12 +78,9 @@ class DropoutLinear(nn.Linear):
     p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or not torch.is_grad_enabled():
-            if self.training and self.p > 0.0:  # no autograd (e.g. a no_grad forward in training mode)
-                dropped = dropout_drop_mask(x.shape, self.p, x.device)
-                return F.linear(x.masked_fill(dropped, 0.0), self.weight) / (1.0 - self.p)
+        if not self.training or self.p == 0.0:
             return F.linear(x, self.weight)
-        return _DropoutLinearFn.apply(x, self.weight, self.p)
+        return _DropoutLinearFn.apply(x, self.weight, self.p)  # under no_grad: its forward alone
 
 
 def fuse_lora_dropout(model) -> int:
