@@ -11,18 +11,40 @@ def dropout_keep_mask(shape, p):
     return ~dropout_drop_mask(shape, p)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_keep_mask_rate_and_independence(p):
+def _check_bernoulli(drop: torch.Tensor, p: float):
+    """Rate p, neighbours uncorrelated, and runs of kept elements geometric (what i.i.d. Bernoulli gives)."""
+    n = drop.numel()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(drop.float().mean().item() - p) < 5 * sd
+    even, odd = drop[0::2].float(), drop[1::2].float()
+    assert abs(torch.corrcoef(torch.stack([even, odd]))[0, 1].item()) < 0.01
+    first, second = drop[: n // 2].float().mean().item(), drop[n // 2:].float().mean().item()
+    assert abs(first - second) < 7 * sd  # no drift along the tensor (e.g. at a round boundary)
+    # P(the element after a dropped one is dropped) = p, too
+    after = drop[1:][drop[:-1]].float().mean().item()
+    assert abs(after - p) < 5 * (p * (1 - p) / drop[:-1].sum().item()) ** 0.5
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.7, 0.97])
+def test_drop_mask_is_bernoulli(p):
     torch.manual_seed(0)
-    n = 400_000
-    keep = dropout_keep_mask((n,), p)
-    rate = keep.float().mean().item()
-    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
-    # both 16-bit lanes of a draw carry the same rate, and neighbours are uncorrelated
-    even, odd = keep[0::2].float(), keep[1::2].float()
-    assert abs(even.mean().item() - odd.mean().item()) < 6 * ((p * (1 - p) / (n / 2)) ** 0.5)
-    corr = torch.corrcoef(torch.stack([even, odd]))[0, 1].item()
-    assert abs(corr) < 0.01
+    _check_bernoulli(dropout_drop_mask((400_000,), p), p)
+
+
+def test_drop_mask_over_several_rounds_of_draws(monkeypatch):
+    """When one round of draws falls short of the end, the next round continues where it stopped."""
+    import tuneforge.adapters.fused_dropout as fd
+    rounds = []
+
+    def few(rest, q):
+        rounds.append(rest)
+        return 997
+
+    monkeypatch.setattr(fd, "_draws_for", few)
+    torch.manual_seed(1)
+    drop = dropout_drop_mask((200_000,), 0.1)
+    assert len(rounds) >= 15  # ~20000 dropped elements, 997 draws per round
+    _check_bernoulli(drop, 0.1)
 
 
 def test_keep_mask_odd_shapes_and_seed():
@@ -31,7 +53,8 @@ def test_keep_mask_odd_shapes_and_seed():
     torch.manual_seed(3)
     b = dropout_keep_mask((3, 5, 7), 0.2)
     assert a.shape == (3, 5, 7) and a.dtype == torch.bool and torch.equal(a, b)
-    assert dropout_keep_mask((1,), 0.0).all()
+    assert dropout_keep_mask((1,), 0.0).all() and not dropout_keep_mask((4, 3), 1.0).any()
+    assert dropout_keep_mask((0, 5), 0.1).shape == (0, 5)
 
 
 def _reference(x, a_weight, b_weight, keep, p, scaling):

@@ -9,9 +9,10 @@ float32): dropout took 2.0 s of a 12.4 s step and 1.8 GB of its 8.0 GB peak resi
 `DropoutLinear` replaces the `lora_A` module and does `dropout + linear` in one autograd function:
 - it saves the undropped input (usually alive anyway: the projections of one layer share it) and the
   mask, never the dropped copy, which is recomputed in the backward pass (one multiply);
-- the mask comes from 32-bit random integers split into two 16-bit lanes, so one generator draw serves
-  two elements; the keep probability is exact to 2^-15, the draws use torch's default generator (seeded by
-  `torch.manual_seed`, replayed by activation checkpointing's recompute).
+- the mask is drawn as the positions of the dropped elements (geometric gaps between them): one generator
+  draw per dropped element instead of one per element, 20x fewer at p = 0.05 (a 1.2M-element mask: 9.9 ms
+  with two elements per int32 draw, ~1.2 ms this way, 2-core CPU); the draws use torch's default generator
+  (seeded by `torch.manual_seed`, replayed by activation checkpointing's recompute).
 
 It is a subclass of `nn.Linear` with the same `weight`, so state dicts, PEFT's adapter files, merging and
 evaluation are unchanged; in eval mode (or with p = 0) it is a plain linear layer. The PEFT dropout module
@@ -20,30 +21,50 @@ of a fused adapter becomes `nn.Identity`; `unfuse_lora_dropout` restores both.
 
 from __future__ import annotations
 
-import sys
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The two 16-bit halves of a non-negative int32 draw (uniform over [0, 2^31)): the low half is uniform over
-# all 65536 int16 values, the high half over [0, 32767]. Which half comes first in memory is the byte order.
-_LOW_FIRST = sys.byteorder == "little"
+def _draws_for(rest: int, q: float) -> int:
+    """Draws for `rest` elements: the mean count plus six standard deviations, so that one round passes the
+    end almost always (a shortfall only costs another round)."""
+    return int(rest * q + 6.0 * math.sqrt(rest * q) + 16)
+
+
+def _geometric_positions(n: int, q: float, device=None) -> torch.Tensor:
+    """Sorted positions in [0, n) chosen independently with probability q each (0 < q <= 1/2).
+
+    The gaps between chosen positions are geometric, G = floor(log V / log(1 - q)) with V uniform on (0, 1]:
+    one draw per *chosen* position instead of one per element. V comes from a 31-bit integer draw of torch's
+    default generator as a float32, so each probability is exact to about 2^-24.
+    """
+    log_skip = math.log1p(-q)
+    parts, start = [], 0
+    while start < n:
+        rest = n - start
+        k = _draws_for(rest, q)
+        v = torch.empty(k, dtype=torch.int32, device=device).random_().to(torch.float32).add_(1.0).mul_(2.0 ** -31)
+        gaps = v.log_().div_(log_skip).floor_().to(torch.int64).add_(1)
+        pos = gaps.cumsum_(0).add_(start - 1)
+        inside = int(torch.searchsorted(pos, n))
+        parts.append(pos[:inside])
+        start = int(pos[-1]) + 1
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def dropout_drop_mask(shape, p: float, device=None) -> torch.Tensor:
-    """Boolean mask of `shape`, each element True (dropped) with probability p (to within 2^-15),
-    independently; one int32 draw of torch's default generator serves two elements."""
-    n = 1
-    for s in shape:
-        n *= int(s)
-    draws = torch.empty(((n + 1) // 2,), dtype=torch.int32, device=device).random_()
-    lanes = draws.view(torch.int16).view(-1, 2)
-    low_cut = -32768 + round(p * 65536)  # low half: uniform over [-32768, 32767]
-    high_cut = round(p * 32768)  # high half: uniform over [0, 32767]
-    cuts = torch.tensor((low_cut, high_cut) if _LOW_FIRST else (high_cut, low_cut), dtype=torch.int16,
-                        device=device)
-    return torch.lt(lanes, cuts).view(-1)[:n].view(shape)
+    """Boolean mask of `shape`, each element True (dropped) with probability p (to about 2^-24),
+    independently. Costs one generator draw per dropped element (per kept one when p > 1/2), not per element:
+    at p = 0.05 that is 20x fewer draws than `bernoulli_`."""
+    n = math.prod(int(s) for s in shape)
+    flip = p > 0.5  # draw the minority: positions that are kept
+    q = 1.0 - p if flip else p
+    mask = (torch.ones if flip else torch.zeros)(n, dtype=torch.bool, device=device)
+    if q > 0.0 and n > 0:
+        mask.index_fill_(0, _geometric_positions(n, q, device), not flip)
+    return mask.view(shape)
 
 
 class _DropoutLinearFn(torch.autograd.Function):
