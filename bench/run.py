@@ -76,6 +76,7 @@ TF_VARIANTS = {
     "tf-pack": ("+ packing (sdpa mask)", {"autocast": "dt", "packing": True, "attn": "sdpa"}),
     "tf-varlen": ("+ varlen attention (the defaults)", {"autocast": "dt", "packing": True}),
     "tf-varlen-ckpt": ("+ activation checkpointing (lean)", {"autocast": "dt", "packing": True, "ckpt": True}),
+    "tf-compile": ("defaults + torch.compile", {"autocast": "dt", "packing": True, "compile": True}),
     "tf-group": ("defaults, group_by_length instead of packing", {"autocast": "dt", "group": True}),
     "tf-varlen-mb1": ("defaults, one packed row per micro-batch (grad_accum = rows)",
                       {"autocast": "dt", "packing": True, "accum": True}),
@@ -172,7 +173,8 @@ def child_tuneforge(spec: dict) -> dict:
                   "micro_batch_size": 1 if sw.get("accum") else spec["rows"] if sw.get("packing") else spec["batch"],
                   "grad_accum": spec["rows"] if sw.get("accum") else 1,
                   "epochs": 1, "autocast": sw.get("autocast", "none"),
-                  "activation_checkpointing": bool(sw.get("ckpt")), "tensorboard": False, "progress": False,
+                  "activation_checkpointing": bool(sw.get("ckpt")), "compile": bool(sw.get("compile")),
+                  "tensorboard": False, "progress": False,
                   "log_every": 1000000, "seed": 0},
         "eval": {"loss": False, "generate": False, "before": False},
     })

@@ -71,7 +71,9 @@ def batching(cfg: RunConfig, data, tokenizer):
     if not cfg.data.packing:
         return data.train, data.eval, lambda b: collate(b, pad)
     pack = lambda ex: PackedExamples(ex, cfg.data.max_length) if ex is not None else None  # noqa: E731
-    return pack(data.train), pack(data.eval), lambda rows: collate_packed(rows, pad)
+    # compiled models get one row width (max_length) for every batch: a new shape would mean a new compile
+    width = cfg.data.max_length if cfg.train.compile else None
+    return pack(data.train), pack(data.eval), lambda rows: collate_packed(rows, pad, width)
 
 
 def loop_settings(cfg: RunConfig) -> LoopSettings:

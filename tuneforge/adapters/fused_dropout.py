@@ -101,7 +101,12 @@ class DropoutLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return F.linear(x, self.weight)
-        return _DropoutLinearFn.apply(x, self.weight, self.p)  # under no_grad: its forward alone
+        return _dropout_linear(x, self.weight, self.p)
+
+
+@torch.compiler.disable  # the draw count depends on the random values: traced, it would recompile every step
+def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    return _DropoutLinearFn.apply(x, weight, p)  # under no_grad: its forward alone
 
 
 def fuse_lora_dropout(model) -> int:

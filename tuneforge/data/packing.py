@@ -56,10 +56,12 @@ class PackedExamples(Sequence):
         return [self.examples[j] for j in self.rows[i]]
 
 
-def collate_packed(rows: list[list], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[list], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Concatenate each row's examples: input_ids, position_ids (restarting per example), loss_mask, all
-    (B, T), and `num_real` (real tokens, for throughput). No attention mask: isolation comes from positions."""
+    (B, T), and `num_real` (real tokens, for throughput). No attention mask: isolation comes from positions.
+    T is the longest row, or `width` when given (one shape for every batch, which torch.compile wants)."""
     longest = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    longest = max(longest, width or 0)
     batch = len(rows)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
     position_ids = torch.zeros((batch, longest), dtype=torch.long)

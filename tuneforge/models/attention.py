@@ -57,6 +57,7 @@ def _spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]
     return spans
 
 
+@torch.compiler.disable  # example boundaries change every batch: traced, they would recompile every step
 def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                 is_causal=None, **kwargs):
     """transformers attention-interface function: query (B, Hq, T, D), key/value (B, Hkv, T, D)."""
