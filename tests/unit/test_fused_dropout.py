@@ -90,6 +90,28 @@ def test_fused_branch_equals_plain_values_and_grads(shape):
     assert not keep.all()  # the test exercised real dropout
 
 
+def test_non_contiguous_input_is_masked_in_its_logical_order():
+    p = 0.3
+    torch.manual_seed(1)
+    layer = nn.Linear(12, 4, bias=False)
+    layer.__class__ = DropoutLinear
+    layer.p = p
+    base = torch.randn(12, 5, requires_grad=True)
+    x = base.t()  # (5, 12), a transposed view
+    grad = torch.randn(5, 4)
+    torch.manual_seed(42)
+    layer(x).backward(grad)
+    torch.manual_seed(42)
+    keep = dropout_keep_mask(x.shape, p)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    base2 = base.detach().clone().requires_grad_(True)
+    ref = (base2.t() * keep / (1 - p)) @ w.t()
+    ref.backward(grad)
+    torch.testing.assert_close(base.grad, base2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
+    assert not keep.all()
+
+
 def test_eval_mode_is_plain_linear():
     torch.manual_seed(0)
     layer = nn.Linear(8, 3, bias=False)
@@ -151,7 +173,9 @@ def test_fused_training_step_matches_peft_with_the_same_masks(tiny_model_dir, mo
         masks = _mask_source(p)
         if fused:
             assert fuse_lora_dropout(model) > 0
-            monkeypatch.setattr(fd, "dropout_drop_mask", lambda shape, p_, device=None: ~masks(shape))
+            # flat positions from the same stream (torch.rand fills a shape in row-major order)
+            monkeypatch.setattr(fd, "dropped_positions",
+                                lambda n, p_, device=None: (~masks((n,))).nonzero().flatten())
         else:
             for m in model.modules():
                 if isinstance(m, nn.Dropout):
