@@ -14,11 +14,8 @@ float32): dropout took 2.0 s of a 12.4 s step and 1.8 GB of its 8.0 GB peak resi
   with two elements per int32 draw, ~1.2 ms this way, 2-core CPU); the draws use torch's default generator
   (seeded by `torch.manual_seed`, replayed by activation checkpointing's recompute).
 
-The rest of the branch, `result + scaling * lora_B(...)`, becomes one `addmm` through PEFT's LoRA-variant
-hook (`FusedBranch`), with no separate scaling and sum passes over the layer's output.
-
-`DropoutLinear` is a subclass of `nn.Linear` with the same `weight`, so state dicts, PEFT's adapter files,
-merging and evaluation are unchanged; in eval mode (or with p = 0) it is a plain linear layer. The PEFT dropout module
+It is a subclass of `nn.Linear` with the same `weight`, so state dicts, PEFT's adapter files, merging and
+evaluation are unchanged; in eval mode (or with p = 0) it is a plain linear layer. The PEFT dropout module
 of a fused adapter becomes `nn.Identity`; `unfuse_lora_dropout` restores both.
 """
 
@@ -131,71 +128,26 @@ def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Te
     return _DropoutLinearFn.apply(x, weight, p)  # under no_grad: its forward alone
 
 
-class FusedBranch:
-    """PEFT LoRA-variant hook for a fused adapter: `result + scaling * lora_B(down)` as one `addmm`, so the
-    (tokens x out_features) output of `lora_B` is never multiplied by `scaling` and added in separate passes
-    (the scale lands on the rank-r side of the product; measured +3% on a LoRA step of SmolLM2-135M).
-    Merging and unmerging use PEFT's own delta weight: it is plain LoRA underneath."""
-
-    @staticmethod
-    def init(module, adapter_name: str, **kwargs) -> None:
-        pass
-
-    @staticmethod
-    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-        down = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
-        b = module.lora_B[active_adapter]
-        scaling = module.scaling[active_adapter]
-        if not torch.is_autocast_enabled(down.device.type) and (result.dtype != down.dtype
-                                                                or b.weight.dtype != down.dtype):
-            return result + b(down) * scaling  # PEFT's expression, with its dtype promotion
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), b.weight.t(),
-                          alpha=scaling)
-        return out.view(result.shape)
-
-    @staticmethod
-    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def supports_lora_conversion() -> bool:
-        return True
-
-
 def fuse_lora_dropout(model) -> int:
-    """Fuse every plain LoRA adapter's dropout into its `lora_A`, and its `lora_B`, scaling and sum into one
-    product (`FusedBranch`); see module doc. Returns how many adapters.
+    """Fuse every plain LoRA adapter's dropout into its `lora_A` (see module doc); returns how many.
 
     Left alone: adapters with p = 0 (nothing to fuse), DoRA and other PEFT variants (their forward reads the
-    dropout module itself), a `lora_A` or `lora_B` with a bias, and non-Linear `lora_A`s (embeddings,
-    convolutions).
+    dropout module itself), a `lora_A` with a bias, and non-Linear `lora_A`s (embeddings, convolutions).
     """
     fused = 0
     for module in model.modules():
         lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
-        variants = getattr(module, "lora_variant", None)
-        if not (isinstance(lora_a, nn.ModuleDict) and isinstance(dropouts, nn.ModuleDict)
-                and isinstance(variants, dict)):
+        if not isinstance(lora_a, nn.ModuleDict) or not isinstance(dropouts, nn.ModuleDict):
             continue
+        variants = getattr(module, "lora_variant", {}) or {}
         for name, a in lora_a.items():
             drop = dropouts[name] if name in dropouts else None
-            b = module.lora_B[name]
             if (not isinstance(drop, nn.Dropout) or drop.p == 0.0 or name in variants
-                    or type(a) is not nn.Linear or a.bias is not None
-                    or type(b) is not nn.Linear or b.bias is not None):
+                    or type(a) is not nn.Linear or a.bias is not None):
                 continue
             a.__class__ = DropoutLinear
             a.p = float(drop.p)
             dropouts[name] = nn.Identity()
-            variants[name] = FusedBranch
             fused += 1
     return fused
 
@@ -207,14 +159,11 @@ def unfuse_lora_dropout(model) -> int:
         lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
         if not isinstance(lora_a, nn.ModuleDict) or not isinstance(dropouts, nn.ModuleDict):
             continue
-        variants = getattr(module, "lora_variant", {})
         for name, a in lora_a.items():
             if isinstance(a, DropoutLinear):
                 p = a.p
                 a.__class__ = nn.Linear
                 del a.p
                 dropouts[name] = nn.Dropout(p)
-                if variants.get(name) is FusedBranch:
-                    del variants[name]
                 restored += 1
     return restored
