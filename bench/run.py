@@ -23,8 +23,9 @@ Sides
   switches (TF_VARIANTS): tf-base (float32, padded, transformers' sdpa attention, PEFT's own dropout),
   tf-fused (+ fused LoRA dropout, LoRA only), tf-bf16 (+ bf16 autocast, bf16 machines only), tf-pack
   (+ packing, transformers' masked sdpa), tf-varlen (+ tuneforge_varlen attention: tuneforge's defaults, the
-  fast point), tf-varlen-ckpt (+ activation checkpointing: the lean point), tf-group (the defaults with
-  group_by_length instead of packing).
+  fast point), tf-varlen-ckpt (+ activation checkpointing), tf-group (the defaults with group_by_length
+  instead of packing); opt-in: tf-varlen-mb1(-ckpt) (one packed row per micro-batch: the lean point),
+  tf-compile (the defaults + train.compile).
 
 Compute dtype: `--dtype auto` picks bf16 when the measured bf16 matmul rate beats float32, else float32 (a CPU
 without native bf16, e.g. AVX2-only, multiplies bf16 10-20x slower; autocast would then only measure that).
