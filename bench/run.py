@@ -24,8 +24,8 @@ Sides
   tf-fused (+ fused LoRA dropout, LoRA only), tf-bf16 (+ bf16 autocast, bf16 machines only), tf-pack
   (+ packing, transformers' masked sdpa), tf-varlen (+ tuneforge_varlen attention: tuneforge's defaults, the
   fast point), tf-varlen-ckpt (+ activation checkpointing), tf-group (the defaults with group_by_length
-  instead of packing); opt-in: tf-varlen-mb1(-ckpt) (one packed row per micro-batch: the lean point),
-  tf-compile (the defaults + train.compile).
+  instead of packing), tf-varlen-mb1 (one packed row per micro-batch: the lean point; LoRA by default);
+  opt-in: tf-varlen-mb1-ckpt, tf-compile (the defaults + train.compile).
 
 Compute dtype: `--dtype auto` picks bf16 when the measured bf16 matmul rate beats float32, else float32 (a CPU
 without native bf16, e.g. AVX2-only, multiplies bf16 10-20x slower; autocast would then only measure that).
@@ -86,7 +86,7 @@ TF_VARIANTS = {
 }
 TRL_VARIANTS = {"trl": ("SFTTrainer, docs config", {}), "trl-pack": ("SFTTrainer, packing=True", {"packing": True})}
 DEFAULT_VARIANTS = {"lora": ["trl", "tf-base", "tf-fused", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt",
-                             "tf-group"],
+                             "tf-group", "tf-varlen-mb1"],
                     "full": ["trl", "tf-base", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt"]}
 
 
