@@ -62,8 +62,12 @@ def _reference(x, a_weight, b_weight, keep, p, scaling):
     return (dropped @ a_weight.t()) @ b_weight.t() * scaling
 
 
+@pytest.mark.parametrize("positions", [True, False], ids=["cpu-positions", "gpu-style-mask"])
 @pytest.mark.parametrize("shape", [(2, 7, 12), (5, 12)])
-def test_fused_branch_equals_plain_values_and_grads(shape):
+def test_fused_branch_equals_plain_values_and_grads(shape, positions, monkeypatch):
+    import tuneforge.adapters.fused_dropout as fd
+    if not positions:  # the boolean-mask path other devices take, run here on the CPU
+        monkeypatch.setattr(fd, "_POSITION_DEVICES", ())
     p, scaling = 0.3, 2.0
     torch.manual_seed(1)
     layer_a = nn.Linear(12, 4, bias=False)
@@ -79,7 +83,7 @@ def test_fused_branch_equals_plain_values_and_grads(shape):
     got = (out.detach(), x.grad.clone(), layer_a.weight.grad.clone(), b.grad.clone())
 
     torch.manual_seed(42)  # the same draws give the same mask
-    keep = dropout_keep_mask(x.shape, p)
+    keep = dropout_keep_mask(x.shape, p) if positions else torch.rand(x.shape) >= p
     x2 = x.detach().clone().requires_grad_(True)
     a2 = layer_a.weight.detach().clone().requires_grad_(True)
     b2 = b.detach().clone().requires_grad_(True)

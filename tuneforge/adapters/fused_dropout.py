@@ -7,12 +7,13 @@ Measured on SmolLM2-135M (LoRA on every linear layer, p = 0.05, 4 packed rows of
 float32): dropout took 2.0 s of a 12.4 s step and 1.8 GB of its 8.0 GB peak resident memory.
 
 `DropoutLinear` replaces the `lora_A` module and does `dropout + linear` in one autograd function:
-- it saves the undropped input (usually alive anyway: the projections of one layer share it) and the
-  positions of the dropped elements, never the dropped copy, which is rebuilt in the backward pass;
-- the mask is drawn as the positions of the dropped elements (geometric gaps between them): one generator
+- it saves the undropped input (usually alive anyway: the projections of one layer share it) and what was
+  dropped, never the dropped copy, which is rebuilt in the backward pass;
+- on the CPU the dropped elements are drawn as positions with geometric gaps between them: one generator
   draw per dropped element instead of one per element, 20x fewer at p = 0.05 (a 1.2M-element mask: 9.9 ms
-  with two elements per int32 draw, ~1.2 ms this way, 2-core CPU); the draws use torch's default generator
-  (seeded by `torch.manual_seed`, replayed by activation checkpointing's recompute).
+  with two elements per int32 draw, ~1.5 ms this way, 2-core CPU); on GPUs a boolean mask from `torch.rand`
+  (counting positions would synchronise with the host at every layer). Either way the draws use torch's
+  default generator (seeded by `torch.manual_seed`, replayed by activation checkpointing's recompute).
 
 It is a subclass of `nn.Linear` with the same `weight`, so state dicts, PEFT's adapter files, merging and
 evaluation are unchanged; in eval mode (or with p = 0) it is a plain linear layer. The PEFT dropout module
@@ -76,37 +77,49 @@ def dropout_drop_mask(shape, p: float, device=None) -> torch.Tensor:
     return mask.index_fill_(0, dropped_positions(n, p, device), True).view(shape)
 
 
-def _zeroed(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `t` with the elements at flat (row-major) positions `flat` set to zero."""
-    out = t.clone(memory_format=torch.contiguous_format)
-    out.view(-1).index_fill_(0, flat, 0.0)
-    return out
+_POSITION_DEVICES = ("cpu",)
+
+
+def _draw_dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    """What `x` drops: on the CPU its flat positions (int32 where they fit: 0.2 bytes per element at p = 0.05,
+    against 1 byte for a boolean mask); on other devices a boolean mask from one kernel, since counting the
+    positions needs a host synchronisation per layer there, and the per-element draw is cheap."""
+    if x.device.type not in _POSITION_DEVICES:
+        return torch.rand(x.shape, device=x.device) < p
+    flat = dropped_positions(x.numel(), p, device=x.device)
+    return flat.to(torch.int32) if x.numel() < 2**31 else flat
+
+
+def _zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Zero, in the contiguous tensor `t`, what `_draw_dropped` chose; returns `t`."""
+    if dropped.dtype == torch.bool:
+        return t.masked_fill_(dropped.view(t.shape), 0.0)
+    t.view(-1).index_fill_(0, dropped.long(), 0.0)
+    return t
 
 
 class _DropoutLinearFn(torch.autograd.Function):
-    # Only the dropped positions are kept for backward (int32 where they fit: 0.2 bytes per element at
-    # p = 0.05, against 1 byte for a boolean mask); zeroing them in the input gradient touches those elements
-    # only. The 1/(1-p) scale is applied on the rank-r side, which is r/d times smaller.
+    # Only what was dropped is kept for backward, never the dropped copy of x; on the CPU, zeroing the
+    # dropped positions of the input gradient touches those elements only. The 1/(1-p) scale is applied on
+    # the rank-r side, which is r/d times smaller.
     @staticmethod
     def forward(ctx, x, weight, p):
-        flat = dropped_positions(x.numel(), p, device=x.device)
+        dropped = _draw_dropped(x, p)
         scale = 1.0 / (1.0 - p)
-        out = F.linear(_zeroed(x, flat), weight).mul_(scale)
-        ctx.save_for_backward(x, weight, flat.to(torch.int32) if x.numel() < 2**31 else flat)
+        out = F.linear(_zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped), weight).mul_(scale)
+        ctx.save_for_backward(x, weight, dropped)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, flat = ctx.saved_tensors
-        flat = flat.long()
+        x, weight, dropped = ctx.saved_tensors
         grad_x = grad_w = None
         grad_scaled = grad_out * ctx.scale
         if ctx.needs_input_grad[0]:
-            grad_x = grad_scaled.matmul(weight.to(grad_out.dtype)).contiguous()
-            grad_x.view(-1).index_fill_(0, flat, 0.0)
+            grad_x = _zero_dropped_(grad_scaled.matmul(weight.to(grad_out.dtype)).contiguous(), dropped)
         if ctx.needs_input_grad[1]:
-            kept = _zeroed(x, flat)
+            kept = _zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped)
             grad_w = grad_scaled.reshape(-1, grad_out.shape[-1]).t().matmul(
                 kept.reshape(-1, kept.shape[-1]).to(grad_out.dtype)).to(weight.dtype)
         return grad_x, grad_w, None
