@@ -1,10 +1,18 @@
 """Fused LoRA dropout (tuneforge/adapters/fused_dropout.py) equals PEFT's dropout -> lora_A -> lora_B."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 
-from tuneforge.adapters.fused_dropout import DropoutLinear, dropout_drop_mask, fuse_lora_dropout, unfuse_lora_dropout
+from tuneforge.adapters.fused_dropout import DropoutLinear, dropped_positions, fuse_lora_dropout, unfuse_lora_dropout
+
+
+def dropout_drop_mask(shape, p):
+    """`dropped_positions` as a boolean mask of `shape` (True = dropped), from the same draws."""
+    n = math.prod(shape)
+    return torch.zeros(n, dtype=torch.bool).index_fill_(0, dropped_positions(n, p), True).view(shape)
 
 
 def dropout_keep_mask(shape, p):

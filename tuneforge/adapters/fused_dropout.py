@@ -70,13 +70,6 @@ def dropped_positions(n: int, p: float, device=None) -> torch.Tensor:
     return dropped.nonzero().flatten()
 
 
-def dropout_drop_mask(shape, p: float, device=None) -> torch.Tensor:
-    """`dropped_positions` as a boolean mask of `shape` (True = dropped), from the same draws."""
-    n = math.prod(int(s) for s in shape)
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    return mask.index_fill_(0, dropped_positions(n, p, device), True).view(shape)
-
-
 _POSITION_DEVICES = ("cpu",)
 
 
@@ -98,6 +91,11 @@ def _zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _dropped_copy(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `x` with what `_draw_dropped` chose set to zero."""
+    return _zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped)
+
+
 class _DropoutLinearFn(torch.autograd.Function):
     # Only what was dropped is kept for backward, never the dropped copy of x; on the CPU, zeroing the
     # dropped positions of the input gradient touches those elements only. The 1/(1-p) scale is applied on
@@ -106,7 +104,7 @@ class _DropoutLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, p):
         dropped = _draw_dropped(x, p)
         scale = 1.0 / (1.0 - p)
-        out = F.linear(_zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped), weight).mul_(scale)
+        out = F.linear(_dropped_copy(x, dropped), weight).mul_(scale)
         ctx.save_for_backward(x, weight, dropped)
         ctx.scale = scale
         return out
@@ -119,7 +117,7 @@ class _DropoutLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _zero_dropped_(grad_scaled.matmul(weight.to(grad_out.dtype)).contiguous(), dropped)
         if ctx.needs_input_grad[1]:
-            kept = _zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped)
+            kept = _dropped_copy(x, dropped)
             grad_w = grad_scaled.reshape(-1, grad_out.shape[-1]).t().matmul(
                 kept.reshape(-1, kept.shape[-1]).to(grad_out.dtype)).to(weight.dtype)
         return grad_x, grad_w, None
