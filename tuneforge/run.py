@@ -1,11 +1,14 @@
 """A training run from a config: load, prepare data, (LoRA), score the base, fit, save, score the result.
 
-This is the glue between the parts; the maths is in objectives/, the loop in train/loop.py.
+The same short conductor for every method: what differs between methods is their entry in methods.py (data
+builder, objective, evaluation, saved result); the maths is in objectives/, the loop in train/loop.py.
+Under torchrun every rank runs this; rank 0 alone writes the run folder and prints.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -16,19 +19,28 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.packing import PackedExamples, collate_packed
-from tuneforge.data.records import as_chat
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fsutil import atomic_write_text
-from tuneforge.objectives import make_objective
-from tuneforge.train.loop import LoopSettings, fit
+from tuneforge.methods import method_of
+from tuneforge.models.heads import TrainModule, unwrap
+from tuneforge.train import distributed as dist
+from tuneforge.train.loop import evaluate as held_out_metrics
+from tuneforge.train.loop import fit, make_autocast, resolve_autocast
 
 
 def setup_runtime(cfg: RunConfig) -> torch.device:
+    device = dist.init_from_env()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device
+
+
+def say(text: str) -> None:
+    """A line for the user, from rank 0 only."""
+    if dist.is_main():
+        print(text, flush=True)
 
 
 def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None):
@@ -47,10 +59,13 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
     return model, tokenizer
 
 
+def make_objective(cfg: RunConfig):
+    return method_of(cfg).objective(cfg)
+
+
 def apply_speed_switches(cfg: RunConfig, model) -> None:
     """Fused LoRA dropout, activation checkpointing and torch.compile (on the transformers model, under any
     PEFT wrapper)."""
-    from tuneforge.objectives.functional import unwrap
     base = unwrap(model)
     if cfg.lora.enabled and cfg.lora.fused_dropout:
         from tuneforge.adapters.fused_dropout import fuse_lora_dropout
@@ -65,30 +80,27 @@ def apply_speed_switches(cfg: RunConfig, model) -> None:
         base.get_decoder().compile()
 
 
-def batching(cfg: RunConfig, data, tokenizer):
-    """(train rows, eval rows, collate): examples as they are, or packed into rows of data.max_length."""
+def packing_on(cfg: RunConfig, model) -> bool:
+    """data.packing, with auto resolved: on where the attention isolates packed examples by itself."""
+    if cfg.data.packing != "auto":
+        return bool(cfg.data.packing)
+    return getattr(unwrap(model).config, "_attn_implementation", None) == "tuneforge_varlen"
+
+
+def batching(cfg: RunConfig, data, tokenizer, packed: bool):
+    """(train rows, eval rows, collate, train settings): examples as they are, or packed into rows of the
+    micro-batch token budget, one row per micro-batch (the step's tokens unchanged, memory fixed)."""
     pad = tokenizer.pad_token_id
-    if not cfg.data.packing:
-        return data.train, data.eval, lambda b: collate(b, pad)
-    pack = lambda ex: PackedExamples(ex, cfg.data.max_length) if ex is not None else None  # noqa: E731
-    # compiled models get one row width (max_length) for every batch: a new shape would mean a new compile
-    width = cfg.data.max_length if cfg.train.compile else None
-    return pack(data.train), pack(data.eval), lambda rows: collate_packed(rows, pad, width)
-
-
-def loop_settings(cfg: RunConfig) -> LoopSettings:
-    t = cfg.train
-    fields = LoopSettings.__dataclass_fields__
-    settings = LoopSettings(**{k: v for k, v in t.model_dump().items() if k in fields})
-    settings.group_by_length = cfg.data.group_by_length and not cfg.data.packing
-    return settings
-
-
-def _generation_records(cfg: RunConfig, data) -> list:
-    """Held-out conversations to score by generation (instruction/chat data with eval.generate on)."""
-    if not cfg.eval.generate or cfg.method != "sft":
-        return []
-    return [as_chat(r) for r in data.eval_records]
+    if not packed:
+        return data.train, data.eval, lambda b: collate(b, pad), cfg.train
+    t, d = cfg.train, cfg.data
+    budget = max(t.micro_batch_tokens or d.max_length, d.max_length)  # a row must fit the longest example
+    rows_per_step = max(1, math.ceil(t.micro_batch_size * t.grad_accum * d.max_length / budget))
+    settings = t.model_copy(update={"micro_batch_size": 1, "grad_accum": rows_per_step})
+    pack = lambda ex: PackedExamples(ex, budget) if ex is not None else None  # noqa: E731
+    # compiled models get one row width for every batch: a new shape would mean a new compile
+    width = budget if t.compile else None
+    return pack(data.train), pack(data.eval), lambda rows: collate_packed(rows, pad, width), settings
 
 
 def _task_eval(cfg, model, tokenizer, records, label: str):
@@ -100,18 +112,21 @@ def _task_eval(cfg, model, tokenizer, records, label: str):
     return res
 
 
-def save_final(cfg: RunConfig, model, tokenizer) -> Path:
-    """output_dir/final: the adapter (PEFT format) for LoRA, a full model folder otherwise; plus tokenizer."""
+def _task_eval_main(cfg, model, tokenizer, records, label: str):
+    """Generation-based evaluation on rank 0 (the others wait): a few hundred prompts need no sharding."""
+    res = _task_eval(cfg, model, tokenizer, records, label) if dist.is_main() else None
+    dist.barrier()
+    return res
+
+
+def save_final(cfg: RunConfig, module: TrainModule, tokenizer) -> Path:
+    """output_dir/final: what the method saves (an adapter, a model folder, ...), plus the tokenizer."""
     from tuneforge.fsutil import atomic_dir
     from tuneforge.train.checkpoint import WRITE_ERRORS
     out = Path(cfg.train.output_dir) / "final"
     try:
         with atomic_dir(out) as tmp:
-            if cfg.lora.enabled:
-                from tuneforge.adapters.lora import save_adapter
-                save_adapter(model, tmp)
-            else:
-                model.save_pretrained(tmp, safe_serialization=True)
+            method_of(cfg).save(cfg, module, tokenizer, tmp)
             tokenizer.save_pretrained(tmp)
     except WRITE_ERRORS as exc:  # a full disk: say so, and that the checkpoints still hold the run
         raise TuneforgeError(f"could not write {out}: {exc}; checkpoints in {out.parent / 'checkpoints'} are "
@@ -119,47 +134,73 @@ def save_final(cfg: RunConfig, model, tokenizer) -> Path:
     return out
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
-    device = setup_runtime(cfg)
-    out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    model, tokenizer = load_model_and_tokenizer(cfg, device)
-    data = prepare_data(cfg, tokenizer)
-    print("data: " + json.dumps(data.stats), flush=True)
-    gen_records = _generation_records(cfg, data)
-    results: dict = {"data": data.stats}
-    if gen_records and cfg.eval.before and not resume:
-        results["base"] = _task_eval(cfg, model, tokenizer, gen_records, "base")
+def _prepare(cfg: RunConfig, tokenizer):
+    with dist.main_first():  # rank 0 builds the token cache, the others then read it
+        return prepare_data(cfg, tokenizer)
+
+
+def _build_module(cfg: RunConfig, model) -> TrainModule:
     if cfg.lora.enabled:
         from tuneforge.adapters.lora import apply_lora
         torch.manual_seed(cfg.train.seed)  # LoRA A init: same seed, same adapter start, with or without eval
-        l = cfg.lora
-        model = apply_lora(model, r=l.r, alpha=l.alpha, dropout=l.dropout, target_modules=l.target_modules,
-                           use_dora=l.use_dora, use_rslora=l.use_rslora)
+        lo = cfg.lora
+        model = apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
+                           use_dora=lo.use_dora, use_rslora=lo.use_rslora)
     apply_speed_switches(cfg, model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters", flush=True)
-    from tuneforge.objectives.functional import unwrap
-    from tuneforge.train.loop import resolve_autocast
-    print(f"compute: {device.type}, autocast {resolve_autocast(cfg.train.autocast, device)}, attention "
-          f"{getattr(unwrap(model).config, '_attn_implementation', None)}", flush=True)
-    writer = (lambda d: _save_adapter_into(model, d)) if cfg.lora.enabled else None
-    train_rows, eval_rows, collate_fn = batching(cfg, data, tokenizer)
-    fitted = fit(model, make_objective(cfg.method), train_rows, collate_fn, loop_settings(cfg),
-                 eval_data=eval_rows if cfg.eval.loss else None, resume=resume,
-                 extra_checkpoint_writer=writer, device=device)
-    results["train"] = {"steps": fitted.steps, "final_loss": fitted.train_loss, "eval": fitted.eval,
+    heads = method_of(cfg).heads
+    return TrainModule(model, heads(cfg, model) if heads else None)
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    device = setup_runtime(cfg)
+    out_dir = Path(cfg.train.output_dir)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    data = _prepare(cfg, tokenizer)
+    say("data: " + json.dumps(data.stats))
+    gen_records = method_of(cfg).generation_records(cfg, data)
+    results: dict = {"data": data.stats}
+    if gen_records and cfg.eval.before and not resume:
+        results["base"] = _task_eval_main(cfg, model, tokenizer, gen_records, "base")
+    module = _build_module(cfg, model)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    packed = packing_on(cfg, module)
+    say(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters")
+    say(f"compute: {device.type} x {dist.world_size()}, autocast {resolve_autocast(cfg.train.autocast, device)}, "
+        f"attention {getattr(module.base.config, '_attn_implementation', None)}, packing {'on' if packed else 'off'}")
+    train_rows, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packed)
+    objective = make_objective(cfg)
+    autocast = make_autocast(cfg.train.autocast, device)
+    held_out = eval_rows if cfg.eval.loss else None
+    if held_out is not None and not resume:  # every run shows whether it got better: held-out loss before
+        results["eval_before"] = held_out_metrics(module, objective, held_out, collate_fn,
+                                                  settings.micro_batch_size, autocast, device)
+        say("before training: eval " + _format(results["eval_before"]))
+    writer = (lambda d: _save_adapter_into(module.model, d)) if cfg.lora.enabled else None
+    fitted = fit(module, objective, train_rows, collate_fn, settings, eval_data=held_out, resume=resume,
+                 extra_checkpoint_writer=writer, device=device,
+                 group_by_length=cfg.data.group_by_length and not packed)
+    results["train"] = {"steps": fitted.steps, "steps_this_run": fitted.steps_this_run,
+                        "resumed_from": fitted.resumed_from, "final_loss": fitted.train_loss, "eval": fitted.eval,
                         "tokens_per_second": round(fitted.tokens_per_second, 1),
                         "train_seconds": round(fitted.train_seconds, 1), "interrupted": fitted.interrupted}
     if fitted.interrupted:
         return results
-    results["final_dir"] = str(save_final(cfg, model, tokenizer))
+    if dist.is_main():
+        results["final_dir"] = str(save_final(cfg, module, tokenizer))
+    dist.barrier()
     if gen_records:
-        results["tuned"] = _task_eval(cfg, model, tokenizer, gen_records, "tuned")
-    _write_json(out_dir / "results.json", results)
+        results["tuned"] = _task_eval_main(cfg, module.model, tokenizer, gen_records, "tuned")
+    if dist.is_main():
+        _write_json(out_dir / "results.json", results)
     return results
+
+
+def _format(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
 def _save_adapter_into(model, folder: Path) -> None:
@@ -172,25 +213,30 @@ def _write_json(path: Path, obj) -> None:
 
 
 def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
-    """Held-out loss (and task accuracy when eval.generate) of the config's model, optionally with an adapter."""
+    """Held-out loss (and task accuracy when eval.generate) of the config's model, optionally with an adapter.
+
+    Held-out means data.eval or the data.eval_fraction split: without one there is nothing held out, and
+    scoring the training data instead would look like a held-out result, so it is refused."""
+    d = cfg.data
+    if not d.eval and not d.eval_fraction:
+        raise ConfigError("no held-out data: set data.eval (a file) or data.eval_fraction (a share of "
+                          "data.train); tuneforge eval does not score training data as if it were held out",
+                          key="data.eval")
     device = setup_runtime(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     if adapter:
         from tuneforge.adapters.lora import load_adapter
         model = load_adapter(model, adapter)
-    data = prepare_data(cfg, tokenizer)
+    data = _prepare(cfg, tokenizer)
     out: dict = {}
-    held_out = data.eval if data.eval is not None else data.train
+    module = TrainModule(model)
     if cfg.eval.loss:
-        from tuneforge.train.loop import make_autocast
-        import math
-        objective = make_objective(cfg.method)
-        size = cfg.train.micro_batch_size
-        batches = ({k: v.to(device) for k, v in collate(held_out[i:i + size], tokenizer.pad_token_id).items()}
-                   for i in range(0, len(held_out), size))
-        model.eval()
-        out["loss"] = objective.evaluate(model, batches, make_autocast(cfg.train.autocast, device))
-        out["loss"]["perplexity"] = math.exp(min(out["loss"]["loss"], 50.0))
-    if gen := _generation_records(cfg, data):
-        out["task"] = _task_eval(cfg, model, tokenizer, gen, "model")
+        if data.eval is None:
+            raise ConfigError("the held-out split is empty (every record went to training)", key="data.eval")
+        _, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packing_on(cfg, module))
+        out["loss"] = held_out_metrics(module, make_objective(cfg), eval_rows, collate_fn,
+                                       settings.micro_batch_size, make_autocast(cfg.train.autocast, device),
+                                       device)
+    if gen := method_of(cfg).generation_records(cfg, data):
+        out["task"] = _task_eval_main(cfg, model, tokenizer, gen, "model")
     return out

@@ -22,9 +22,10 @@ def write_chat_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
-            a = rng.randint(0, 9)
-            msgs = [{"role": "user", "content": f"Say {a}."}, {"role": "assistant", "content": f"{a}"},
-                    {"role": "user", "content": "Again?"}, {"role": "assistant", "content": f"Yes: {a}."}]
+            a, times = rng.randint(0, 9), rng.randint(1, 4)  # lengths differ: padding must not matter
+            said = " ".join([str(a)] * times)
+            msgs = [{"role": "user", "content": f"Say {said}."}, {"role": "assistant", "content": said},
+                    {"role": "user", "content": "Again?"}, {"role": "assistant", "content": f"Yes: {said}."}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
@@ -55,3 +56,43 @@ def write_config_yaml(cfg, path: Path) -> Path:
     import yaml
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
+
+
+# Each data builder's small test data set: a method registered in tuneforge.methods inherits every invariant
+# test (tests/invariants/) by naming a builder here. A new builder without an entry fails those tests loudly.
+DATA_WRITERS = {
+    "chat": lambda folder: write_chat_data(folder / "chat.jsonl"),
+    "text_blocks": lambda folder: write_text_data(folder / "docs"),
+}
+
+
+def method_config(method: str, model_dir, data_folder: Path, out, **kw):
+    """A config for `method` on its builder's test data (written once per folder: the file's time is part
+    of the token cache key)."""
+    from tuneforge.methods import METHODS
+    builder = METHODS[method].builder
+    target = data_folder / builder
+    if not target.exists():
+        target.mkdir(parents=True)
+        DATA_WRITERS[builder](target)
+    data = next(target.iterdir())
+    return make_config(model_dir, data, out, method=method, **kw)
+
+
+def update_sums(model, objective, batches):
+    """Loss sum, count and the gradients of the loss sum of one update of the loop, from zero gradients."""
+    import torch
+
+    from tuneforge.models.heads import as_train_module
+    from tuneforge.train.loop import accumulate_update, make_autocast
+    module = as_train_module(model)
+    module.zero_grad(set_to_none=True)
+    totals = accumulate_update(module, objective, batches, make_autocast("none", torch.device("cpu")))
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return totals.loss_sum, totals.count, grads
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -23,6 +23,7 @@ from helpers.runs import make_config, write_config_yaml, write_instruction_data
 import tuneforge.run as run_mod
 from tuneforge.cli import main
 from tuneforge.errors import TuneforgeError
+from tuneforge.models.heads import unwrap
 from tuneforge.objectives.sft import SFTObjective
 from tuneforge.run import train
 from tuneforge.train import checkpoint as ckpt
@@ -40,25 +41,28 @@ class _Scripted(SFTObjective):
         self.bad, self.step_no, self.signal_at, self.signum = bad or {}, first_step, signal_at, signum
         self.weights_before: dict[int, dict] = {}
 
-    def step(self, model, micro_batches, autocast):
+    def prepare(self, module, micro_batches):
         self.step_no += 1
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in unwrap(module).named_parameters() if p.requires_grad]
         self.weights_before[self.step_no] = {n: p.detach().clone() for n, p in trainable}
         if self.step_no == self.signal_at:
             os.kill(os.getpid(), self.signum)
-        out = super().step(model, micro_batches, autocast)
-        kind = self.bad.get(self.step_no)
-        if kind == "loss":
-            out.loss_sum = float("nan")
-            for _, p in trainable:
-                p.grad.fill_(float("nan"))
-        elif kind == "grad":
-            trainable[0][1].grad.view(-1)[0] = float("inf")
+        if self.bad.get(self.step_no) == "grad":  # inf lands in one gradient after backward
+            def overflow(param):
+                param.grad.view(-1)[:1].fill_(math.inf)
+                handle.remove()
+            handle = trainable[0][1].register_post_accumulate_grad_hook(overflow)
+        return super().prepare(module, micro_batches)
+
+    def loss(self, module, batch):
+        out = super().loss(module, batch)
+        if self.bad.get(self.step_no) == "loss":
+            out.loss_sum = out.loss_sum * float("nan")
         return out
 
 
 def _use(monkeypatch, objective):
-    monkeypatch.setattr(run_mod, "make_objective", lambda method, **kw: objective)
+    monkeypatch.setattr(run_mod, "make_objective", lambda cfg: objective)
     return objective
 
 

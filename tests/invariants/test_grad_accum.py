@@ -1,54 +1,64 @@
-"""Gradient accumulation does not change the maths: 1 micro-batch of 8 == 8 micro-batches of 1."""
+"""Gradient accumulation does not change the maths, for every registered method: 1 micro-batch of 8 ==
+8 micro-batches of 1, and through the loop batch 8 x accum 1 == batch 2 x accum 4."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from helpers.runs import make_config, write_chat_data
+from helpers.runs import method_config, update_sums
 from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
+from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
-from tuneforge.objectives import make_objective
-from tuneforge.run import loop_settings
-from tuneforge.train.loop import fit, make_autocast
+from tuneforge.run import make_objective
+from tuneforge.train.loop import fit
+
+METHOD_NAMES = sorted(METHODS)
 
 
-def _grads_after_step(model, objective, examples, pad_id, micro):
-    model.zero_grad()
-    batches = [collate(examples[i:i + micro], pad_id) for i in range(0, len(examples), micro)]
-    out = objective.step(model, batches, make_autocast("none", torch.device("cpu")))
-    grads = {n: p.grad / out.count for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss_sum / out.count, grads
-
-
-def test_grad_accum_1x8_equals_8x1(tiny_model_dir, tmp_path):
-    cfg = make_config(tiny_model_dir, write_chat_data(tmp_path / "c.jsonl"), tmp_path / "run")
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_grad_accum_1x8_equals_8x1(method, tiny_model_dir, tmp_path):
+    cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
     examples = prepare_data(cfg, tok).train[:8]
-    assert len({len(e) for e in examples}) > 1 or True  # lengths may differ: padding must not matter either
-    objective = make_objective("sft")
-    loss_a, grads_a = _grads_after_step(model, objective, examples, tok.pad_token_id, micro=8)
-    loss_b, grads_b = _grads_after_step(model, objective, examples, tok.pad_token_id, micro=1)
-    assert abs(loss_a - loss_b) < 1e-5
+    objective = make_objective(cfg)
+    batches = lambda micro: [collate(examples[i:i + micro], tok.pad_token_id)  # noqa: E731
+                             for i in range(0, len(examples), micro)]
+    sum_a, count_a, grads_a = update_sums(model, objective, batches(8))
+    sum_b, count_b, grads_b = update_sums(model, objective, batches(1))
+    assert count_a == count_b > 0
+    assert abs(sum_a / count_a - sum_b / count_b) < 1e-5
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads_a[name] / count_a, grads_b[name] / count_b, rtol=1e-4, atol=1e-6)
 
 
-def test_fit_same_weights_with_and_without_accumulation(tiny_model_dir, tmp_path):
+def test_chat_examples_have_different_lengths(tiny_model_dir, tmp_path):
+    """The sft case above is only a check of padding if the 8 examples differ in length."""
+    cfg = method_config("sft", tiny_model_dir, tmp_path, tmp_path / "run")
+    _, tok = load_causal_lm(str(tiny_model_dir))
+    assert len({len(e) for e in prepare_data(cfg, tok).train[:8]}) > 1
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_fit_same_weights_with_and_without_accumulation(method, tiny_model_dir, tmp_path):
     """Through the loop: batch 8 x accum 1 and batch 2 x accum 4 train to the same weights and losses."""
-    data = write_chat_data(tmp_path / "c.jsonl")
     results = []
     for micro, accum in ((8, 1), (2, 4)):
-        cfg = make_config(tiny_model_dir, data, tmp_path / f"run{micro}", max_steps=3, micro_batch_size=micro,
-                          grad_accum=accum)
+        cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / f"run{micro}", max_steps=3,
+                            micro_batch_size=micro, grad_accum=accum)
         model, tok = load_causal_lm(str(tiny_model_dir))
         prepared = prepare_data(cfg, tok)
-        res = fit(model, make_objective("sft"), prepared.train, lambda b: collate(b, tok.pad_token_id),
-                  loop_settings(cfg))
+        res = fit(model, make_objective(cfg), prepared.train, lambda b: collate(b, tok.pad_token_id), cfg.train)
         results.append((model.state_dict(), [h["loss"] for h in res.history]))
     (wa, la), (wb, lb) = results
+    assert len(la) == len(lb) == 3 and all(x is not None for x in la + lb)
     for a, b in zip(la, lb):
         assert abs(a - b) < 1e-5
+    changed = False
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+    fresh, _ = load_causal_lm(str(tiny_model_dir))
+    changed = any(not torch.equal(wa[n], t) for n, t in fresh.state_dict().items())
+    assert changed  # the runs trained something

@@ -21,11 +21,11 @@ class _InterruptAfter(SFTObjective):
         super().__init__()
         self.n, self.calls = n, 0
 
-    def step(self, model, micro_batches, autocast):
+    def prepare(self, module, micro_batches):
         self.calls += 1
         if self.calls == self.n:
             os.kill(os.getpid(), signal.SIGINT)
-        return super().step(model, micro_batches, autocast)
+        return super().prepare(module, micro_batches)
 
 
 def _final_weights(run, lora):
@@ -35,7 +35,7 @@ def _final_weights(run, lora):
 
 def _run_with_interrupt(monkeypatch, cfg, n):
     import tuneforge.run as run_mod
-    monkeypatch.setattr(run_mod, "make_objective", lambda method: _InterruptAfter(n))
+    monkeypatch.setattr(run_mod, "make_objective", lambda cfg: _InterruptAfter(n))
     res = train(cfg)
     monkeypatch.undo()
     return res

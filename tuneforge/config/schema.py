@@ -1,7 +1,10 @@
 """The run config schema. One YAML file describes one run; every key has a default or a clear error.
 
-Sections: model, data, lora, train, eval, plus `method`. Per-method defaults (learning rate, what the loss
-averages over) live in METHOD_DEFAULTS so that adding a method is one entry, not an if/elif chain.
+Sections: model, data, lora, train, eval, plus `method` and one section per family of methods (dpo, rl,
+contrastive). This file is the one place for every default: the training loop reads the `train` section
+itself. Per-method defaults (learning rate, what the loss averages over, the default data kind) live in
+METHOD_DEFAULTS so that adding a method is one entry, not an if/elif chain; what a method DOES (its data
+builder, objective, evaluation and saved result) is its entry in tuneforge/methods.py.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ class DataSection(Section):
     """Loss on every assistant turn (default), the last assistant turn only, or all tokens."""
     system_prompt: str | None = None
     """Added as the system message of every conversation that has none (training and generation alike)."""
-    packing: bool = False
-    """Pack several examples per row of data.max_length tokens, attention isolated between them (no padding
-    waste). train.micro_batch_size then counts rows."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several examples per row, attention isolated between them (no padding waste). auto: on where
+    the model's attention isolates packed examples (tuneforge_varlen: llama, qwen2, qwen3), else off.
+    Packed, each micro-batch is one row of train.micro_batch_tokens tokens (see there)."""
     group_by_length: bool = False
     """Without packing: batch examples of similar length together (less padding), order still seeded."""
     chat_template: str | None = None
@@ -81,7 +85,14 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides epochs when set."""
     micro_batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch. Packed: a step holds the tokens of micro_batch_size x grad_accum examples of
+    data.max_length, in micro-batches of train.micro_batch_tokens each."""
     grad_accum: int = Field(1, gt=0)
+    micro_batch_tokens: int | None = Field(None, gt=8)
+    """Packed data only: the token budget of one micro-batch (one row of this many tokens), which fixes the
+    activation memory whatever the examples' lengths. Default data.max_length (the leanest that fits every
+    example); a larger budget runs fewer, wider micro-batches (faster on a GPU, more memory). Gradient
+    accumulation stays exact: the loss is divided by the supervised count of the whole step."""
     lr: float | None = Field(None, gt=0)
     """Default per method and LoRA/full (see METHOD_DEFAULTS)."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -123,6 +134,49 @@ class EvalSection(Section):
     limit: int | None = Field(None, gt=0)
 
 
+class DPOSection(Section):
+    """Preference optimisation (method dpo, issue "RLHF part 1"): read only by that method."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo", "orpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """robust / cdpo: the assumed share of flipped preference labels."""
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    """simpo: the target reward margin."""
+
+
+class RLSection(Section):
+    """Online reinforcement learning (methods ppo, grpo, rloo): read only by those methods."""
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    num_generations: int = Field(4, gt=1)
+    """Samples per prompt (grpo, rloo: the group)."""
+    beta: float = Field(0.04, ge=0.0)
+    """KL penalty to the reference: on by default, the leash that keeps the policy near where it started."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    epochs: int = Field(1, gt=0)
+    """Optimisation epochs over each batch of rollouts (each mini-batch one optimizer update)."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(0.2, gt=0)
+
+
+class ContrastiveSection(Section):
+    """Embedding models (method contrastive): read only by that method."""
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    temperature: float = Field(0.05, gt=0)
+    learn_temperature: bool = False
+    symmetric: bool = False
+    query_prefix: str = ""
+    document_prefix: str = ""
+    mini_batch_size: int | None = Field(None, gt=0)
+    """Cached mini-batches (GradCache): negatives from the whole batch, the memory of this many examples."""
+
+
+# Which methods read which method section: setting a section another method reads is a mistake worth an error.
+SECTION_METHODS = {"dpo": ("dpo",), "rl": ("ppo", "grpo", "rloo"), "contrastive": ("contrastive",)}
+
 METHOD_DEFAULTS = {
     # method: (lr full, lr lora, unit the loss averages over)
     "clm": (2e-5, 2e-4, "tokens"),
@@ -137,9 +191,17 @@ class RunConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    rl: RLSection = Field(default_factory=RLSection)
+    contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection)
 
     @model_validator(mode="after")
     def _fill_method_defaults(self):
+        for section, methods in SECTION_METHODS.items():
+            value = getattr(self, section)
+            if self.method not in methods and value != type(value)():  # a saved config holds the defaults
+                raise ValueError(f"the {section} section is read by method {' or '.join(methods)}, not by "
+                                 f"method {self.method}: remove it or change the method")
         if self.train.lr is None:
             full, lora, _ = METHOD_DEFAULTS[self.method]
             self.train.lr = lora if self.lora.enabled else full

@@ -1,14 +1,19 @@
 """The contract between the one training loop and a method.
 
-A method turns loader batches into training batches (`prepare`: identity for SFT, rollout generation for
-PPO/GRPO later) and computes a loss SUM with the COUNT it sums over (supervised tokens, pairs, sequences) and
-detached metrics (`loss`). The loop divides by the global count of one optimizer step, summed over all
-micro-batches (and, under torchrun, all ranks) -- the single normalisation point, so gradient accumulation
-never changes the loss.
-
-Losses that do not split into independent micro-batches (cached contrastive, GRPO group normalisation, PPO
-epochs) override `step`, which owns forward and backward for one optimizer step and returns the count; the
-loop keeps the optimizer, schedule, clipping, checkpoints and logs.
+- The loop hands a method one BATCH OF DATA at a time: the micro-batches of one training step, this rank's
+  share of them under torchrun. `prepare(module, micro_batches)` turns it into one or more UPDATES, each a
+  list of micro-batches (SFT: the batch as it is, one update; PPO later: rollouts, then epochs x mini-batches;
+  GRPO: each prompt's group whole inside one update). Every rank must return the same number of updates with
+  the same number of micro-batches each. `updates_per_batch` says how many, so the schedule is known ahead.
+- For each update the loop calls `begin_update` once (a method that needs every micro-batch first, such as
+  cached contrastive embeddings, does that pass here), then `loss` on each micro-batch and back-propagates
+  its loss SUM; under data parallelism gradients are synchronised only on the last micro-batch.
+- `loss` returns the loss sum, the COUNT it sums over (supervised tokens, pairs, sequences: the method says
+  which, `unit`) and metrics as (sum, count) pairs. The loop adds sums and counts over the micro-batches and
+  ranks of the update and divides once: the loss by the loss count (the one normalisation point, so gradient
+  accumulation and the number of ranks never change it), each metric by its own count.
+- The loop owns the rest: optimizer, schedule, clipping, the non-finite check, evaluation, checkpoints (only
+  at the end of a batch of data, so a resume replays nothing), logs.
 """
 
 from __future__ import annotations
@@ -17,57 +22,48 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuneforge.data.packing import real_tokens
+Metric = tuple  # (sum, count): reported as sum / count over the whole update
 
 
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor  # scalar, differentiable
-    count: int  # what loss_sum sums over
-    metrics: dict[str, float] = field(default_factory=dict)  # sums, detached, normalised by the loop
+    count: float  # what loss_sum sums over
+    metrics: dict[str, Metric] = field(default_factory=dict)  # detached (sum, count) pairs
+    value: float | None = None  # the loss sum to report when loss_sum is a surrogate (cached gradients)
 
-
-@dataclass
-class StepOutput:
-    loss_sum: float
-    count: int
-    tokens: int  # real (non-pad) tokens processed, for throughput
-    metrics: dict[str, float] = field(default_factory=dict)
+    def reported(self) -> float:
+        return float(self.loss_sum.detach()) if self.value is None else float(self.value)
 
 
 class Objective:
-    """Base class. Subclasses set `unit` and implement `loss`; may override `prepare` and `step`."""
+    """Base class. Subclasses set `unit` and implement `loss`; may override `prepare` and `begin_update`."""
 
     unit = "tokens"
+    updates_per_batch = 1
 
-    def prepare(self, model, batch: dict) -> dict:
-        return batch
+    def prepare(self, module, micro_batches: list[dict]) -> list[list[dict]]:
+        """One batch of data -> the updates it yields, each a list of micro-batches."""
+        return [micro_batches]
 
-    def loss(self, model, batch: dict) -> LossOutput:
+    def begin_update(self, module, micro_batches: list[dict], autocast) -> None:
+        """Called once before the micro-batches of an update are back-propagated."""
+
+    def loss(self, module, batch: dict) -> LossOutput:
         raise NotImplementedError
 
-    def step(self, model, micro_batches: list[dict], autocast) -> StepOutput:
-        """Forward and backward over the micro-batches of one optimizer step; gradients of loss SUMS."""
-        total, count, tokens, metrics = 0.0, 0, 0, {}
-        for batch in micro_batches:
-            batch = self.prepare(model, batch)
-            with autocast():
-                out = self.loss(model, batch)
-            out.loss_sum.backward()
-            total += out.loss_sum.item()
-            count += out.count
-            tokens += real_tokens(batch)
-            for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v
-        return StepOutput(total, count, tokens, metrics)
-
     @torch.no_grad()
-    def evaluate(self, model, batches, autocast) -> dict[str, float]:
-        """Held-out loss averaged over the same unit as training."""
-        total, count = 0.0, 0
+    def evaluate(self, module, batches, autocast) -> dict[str, Metric]:
+        """Held-out (sum, count) pairs: "loss" over the same unit as training, plus the loss's metrics.
+        The loop adds them across ranks and divides; methods with corpus-level metrics (retrieval) override."""
+        totals: dict[str, list] = {"loss": [0.0, 0.0]}
         for batch in batches:
             with autocast():
-                out = self.loss(model, batch)
-            total += out.loss_sum.item()
-            count += out.count
-        return {"loss": total / max(count, 1), "count": count}
+                out = self.loss(module, batch)
+            totals["loss"][0] += out.reported()
+            totals["loss"][1] += out.count
+            for k, (s, c) in out.metrics.items():
+                acc = totals.setdefault(k, [0.0, 0.0])
+                acc[0] += float(s)
+                acc[1] += float(c)
+        return {k: tuple(v) for k, v in totals.items()}

@@ -16,6 +16,6 @@ class SFTObjective(Objective):
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size
 
-    def loss(self, model, batch: dict) -> LossOutput:
-        loss_sum, count = masked_next_token_loss(model, batch, self.chunk_size)
+    def loss(self, module, batch: dict) -> LossOutput:
+        loss_sum, count = masked_next_token_loss(module, batch, self.chunk_size)
         return LossOutput(loss_sum, count)

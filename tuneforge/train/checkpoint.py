@@ -159,3 +159,39 @@ def load_latest(run_dir: str | Path, warn) -> tuple[Path, tuple] | None:
         raise CheckpointError(f"none of the {len(found)} checkpoints in {Path(run_dir) / 'checkpoints'} is "
                               "readable; move them away to start over")
     return None
+
+
+def trainable_state_dict(model) -> dict:
+    """The trainable tensors by parameter name (LoRA weights; every parameter for full fine-tuning).
+
+    Tensors are detached but share storage with the model: save them (safetensors) before the next step.
+    Tied parameters appear once (named_parameters de-duplicates), which safetensors requires.
+    """
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model, state_dict: dict, strict: bool = True,
+                              where: str = "trainable state dict") -> None:
+    """Copy tensors from `trainable_state_dict` output back into `model`, in place.
+
+    With `strict`, the names must match the model's trainable parameters exactly: a checkpoint of another
+    adapter/target set must fail loudly, not half-load.
+    """
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    unknown = sorted(set(state_dict) - set(params))
+    missing = sorted(trainable - set(state_dict))
+    if unknown or (strict and missing):
+        raise TuneforgeError(
+            f"{where} does not match the model: "
+            + "; ".join(part for part in (
+                f"unknown names {unknown[:5]}{'...' if len(unknown) > 5 else ''}" if unknown else "",
+                f"missing names {missing[:5]}{'...' if len(missing) > 5 else ''}" if strict and missing else "",
+            ) if part))
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise TuneforgeError(f"shape mismatch for {name}: model {tuple(param.shape)}, "
+                                     f"state dict {tuple(tensor.shape)}")
+            param.copy_(tensor.to(dtype=param.dtype, device=param.device))

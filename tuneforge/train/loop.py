@@ -1,15 +1,16 @@
 """The one training loop. Every method runs through `fit`; a method contributes only its Objective.
 
-Per optimizer step: the method's `step` runs forward/backward over the micro-batches on loss SUMS; the loop
-then divides every gradient by the step's global count (summed across micro-batches; across ranks under
-torchrun), clips, and steps AdamW with the learning rate of that step. Data order is a seeded permutation per
-epoch, so the step counter alone says where in the data a resumed run continues.
+Per step the loop takes one batch of data (this rank's micro-batches of it), asks the method for the updates
+that batch yields (objectives/base.py states the contract), and for each update: back-propagates the loss SUM
+of every micro-batch (gradient sync only on the last one under DDP), adds counts and sums over micro-batches
+and ranks, divides every gradient by the global count once, clips, and steps AdamW with the learning rate of
+that update. Checkpoints fall between batches of data, where the step counter alone fixes the data position.
+Settings come from the config's `train` section (config/schema.py): the one place for every default.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import signal
 import time
@@ -18,36 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.models.heads import as_train_module, train_module
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train import distributed as dist
+from tuneforge.train.data_order import rank_share, step_micro_batches, steps_per_epoch, total_steps
 from tuneforge.train.logging import MetricsLogger, Progress
 from tuneforge.train.optim import lr_at, make_optimizer, set_lr
-
-
-@dataclass
-class LoopSettings:
-    output_dir: str
-    seed: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    warmup_ratio: float = 0.0
-    warmup_steps: int | None = None
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_last: int = 2
-    max_bad_steps: int = 5
-    log_every: int = 1
-    tensorboard: bool = True
-    progress: bool = True
-    autocast: str = "none"
-    group_by_length: bool = False
 
 
 @dataclass
@@ -59,6 +36,11 @@ class FitResult:
     tokens_per_second: float = 0.0
     train_seconds: float = 0.0
     interrupted: bool = False
+    resumed_from: int = 0  # the step this run started at (0 unless resumed)
+
+    @property
+    def steps_this_run(self) -> int:
+        return self.steps - self.resumed_from
 
 
 def cpu_has_native_bf16() -> bool:
@@ -93,53 +75,8 @@ def make_autocast(kind: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def steps_per_epoch(n_examples: int, s: LoopSettings) -> int:
-    return max(1, math.ceil(n_examples / (s.micro_batch_size * s.grad_accum)))
-
-
-def total_steps(n_examples: int, s: LoopSettings) -> int:
-    return s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch(n_examples, s)))
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int, epoch: int, lengths: tuple | None, group: int) -> tuple:
-    """The seeded example order of one epoch. With `lengths`, examples are sorted by length inside windows of
-    `group` examples (less padding per micro-batch) and the windows' micro-batches keep a seeded order."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=gen).tolist()
-    if lengths is None:
-        return tuple(order)
-    window, grouped = group * 16, []
-    for start in range(0, n, window):
-        by_length = sorted(order[start:start + window], key=lambda i: -lengths[i])
-        chunks = [by_length[i:i + group] for i in range(0, len(by_length), group)]
-        for c in torch.randperm(len(chunks), generator=gen).tolist():  # long and short batches interleave
-            grouped += chunks[c]
-    return tuple(grouped)
-
-
-def step_micro_batches(step: int, n: int, s: LoopSettings, lengths: tuple | None = None) -> list[list[int]]:
-    """Example indices of each micro-batch of optimizer step `step` (a pure function of step and seed)."""
-    per_epoch = steps_per_epoch(n, s)
-    epoch, index = divmod(step, per_epoch)
-    order = epoch_order(n, s.seed, epoch, lengths, s.micro_batch_size)
-    size = s.micro_batch_size * s.grad_accum
-    chunk = order[index * size:(index + 1) * size]
-    return [chunk[i:i + s.micro_batch_size] for i in range(0, len(chunk), s.micro_batch_size)]
-
-
-def trainable_weights(model) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _scale_grads(params, factor: float) -> None:
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factor)
-
-
 class _StopFlag:
-    """SIGINT/SIGTERM finish the current optimizer step, then the loop saves and exits cleanly."""
+    """SIGINT/SIGTERM finish the current batch of data, then the loop saves and exits cleanly."""
 
     def __init__(self):
         self.raised = False
@@ -161,91 +98,157 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def fit(model, objective, train_data: list, collate, s: LoopSettings, eval_data: list | None = None,
-        resume: bool = False, extra_checkpoint_writer=None, device: torch.device | None = None) -> FitResult:
-    """Train `model` with `objective` on `train_data` (a list of examples; `collate(list) -> batch dict`)."""
+def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool = False,
+        extra_checkpoint_writer=None, device: torch.device | None = None,
+        group_by_length: bool = False) -> FitResult:
+    """Train `model` (a transformers model, a PeftModel, or a TrainModule carrying extra heads) with
+    `objective` on `train_data` (examples or packed rows; `collate(list) -> batch dict`). `s` is the config's
+    train section. Under torchrun every rank calls this with the same arguments."""
     device = device or next(model.parameters()).device
     autocast = make_autocast(s.autocast, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, s.betas)
-    n, total = len(train_data), total_steps(len(train_data), s)
-    lengths = tuple(train_data.length(i) for i in range(n)) if s.group_by_length else None
-    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total)
-    step, bad_steps = 0, 0
-    if resume:
-        step, bad_steps = _restore(model, optimizer, s.output_dir, n, total, s.seed)
-    logger = MetricsLogger(s.output_dir, s.tensorboard)
-    progress = Progress(total, step, s.progress)
-    result = FitResult(steps=step, train_loss=None)
+    tm = as_train_module(model)
+    module = dist.wrap(tm, device)
+    params = [p for p in tm.parameters() if p.requires_grad]
+    optimizer = make_optimizer(tm, s.lr, s.weight_decay, s.betas)
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    n, per_batch = len(train_data), objective.updates_per_batch
+    total = total_steps(n, s, world)
+    total_updates = total * per_batch
+    lengths = tuple(train_data.length(i) for i in range(n)) if group_by_length else None
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_updates)
+    layout = {"examples": n, "total_steps": total, "seed": s.seed, "micro_batch_size": s.micro_batch_size,
+              "grad_accum": s.grad_accum, "world_size": world, "updates_per_batch": per_batch}
+    step, bad_steps = _restore(tm, optimizer, s.output_dir, layout) if resume else (0, 0)
+    logger = MetricsLogger(s.output_dir, s.tensorboard) if main else None
+    progress = Progress(total, step, s.progress and main)
+    result = FitResult(steps=step, train_loss=None, resumed_from=step)
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-    seen_tokens, t_start = 0, time.perf_counter()
-    model.train()
+    seen_tokens, t_start, row = 0, time.perf_counter(), {}
     with _StopFlag() as stop:
         while step < total:
-            lr = lr_at(step, total, s.lr, warmup, s.schedule, s.min_lr_ratio)
-            set_lr(optimizer, lr)
-            batches = [to_device(collate([train_data[i] for i in idx]))
-                       for idx in step_micro_batches(step, n, s, lengths)]
-            t0 = time.perf_counter()
-            out = objective.step(model, batches, autocast)
-            loss, grad_norm, finite = _update(out, params, optimizer, s.max_grad_norm)
-            step += 1  # a skipped step still consumed its batch and its slot of the schedule: resume stays exact
-            dt = time.perf_counter() - t0
-            seen_tokens += out.tokens
-            count = max(out.count, 1)
-            row = {"loss": loss if finite else None, "lr": lr, "grad_norm": grad_norm if finite else None,
-                   "count": out.count, "tokens": out.tokens, "tokens_per_s": out.tokens / dt,
-                   "skipped": int(not finite), **{k: v / count for k, v in out.metrics.items()}}
-            if not finite:
-                bad_steps += 1
-                logger.log(step, "train", {**row, "bad_steps": bad_steps})
-                _check_bad_step(step, loss, grad_norm, bad_steps, s, progress)
-            else:
-                result.train_loss = loss
-                if step % s.log_every == 0 or step == total:
-                    logger.log(step, "train", row)
-            result.history.append(row)
-            progress.update(loss, lr, row["tokens_per_s"])
-            if eval_data and s.eval_every and step % s.eval_every == 0 and step < total:
-                _log_eval(model, objective, eval_data, collate, to_device, autocast, step, logger, progress, s)
-                model.train()
-            if (s.save_every and step % s.save_every == 0) or stop.raised:
-                _save(model, optimizer, step, s, extra_checkpoint_writer, n, total, bad_steps)
-            if stop.raised:
+            batches = [dict(to_device(collate([train_data[i] for i in idx])), is_real=real)
+                       for idx, real in rank_share(step_micro_batches(step, n, s, lengths, world), rank, world)]
+            tm.train()
+            for k, update in enumerate(objective.prepare(module, batches)):
+                update_no = step * per_batch + k  # optimizer updates before this one
+                lr = lr_at(update_no, total_updates, s.lr, warmup, s.schedule, s.min_lr_ratio)
+                set_lr(optimizer, lr)
+                t0 = time.perf_counter()
+                row = _apply_update(module, objective, update, params, optimizer, autocast, s.max_grad_norm)
+                row.update(lr=lr, tokens_per_s=row["tokens"] / max(time.perf_counter() - t0, 1e-9))
+                seen_tokens += row["tokens"]
+                update_no += 1
+                if row["skipped"]:
+                    bad_steps += 1
+                    _log(logger, update_no, {**row, "bad_steps": bad_steps})
+                    _check_bad_step(update_no, row, bad_steps, s, progress)
+                else:
+                    result.train_loss = row["loss"]
+                    if update_no % s.log_every == 0 or update_no == total_updates:
+                        _log(logger, update_no, row)
+                result.history.append(row)
+            step += 1  # a skipped update still consumed its data and its slot of the schedule: resume stays exact
+            progress.update(row["raw_loss"], row["lr"], row["tokens_per_s"])
+            if eval_data is not None and s.eval_every and step % s.eval_every == 0 and step < total:
+                _log_eval(module, objective, eval_data, collate, autocast, device, step, logger, progress, s)
+            stopping = not dist.all_agree(not stop.raised)
+            if (s.save_every and step % s.save_every == 0) or stopping:
+                _save(tm, optimizer, step, s, extra_checkpoint_writer, layout, bad_steps)
+            if stopping:
                 progress.write(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
                 result.interrupted = True
                 break
     result.train_seconds = time.perf_counter() - t_start
-    result.tokens_per_second = seen_tokens / max(result.train_seconds, 1e-9)
+    result.tokens_per_second = seen_tokens / max(result.train_seconds, 1e-9)  # all ranks' tokens
     result.steps = step
-    if eval_data and not result.interrupted:
-        result.eval = _log_eval(model, objective, eval_data, collate, to_device, autocast, step, logger,
-                                progress, s)
-    progress.close()
-    logger.close()
+    progress.close()  # before the final evaluation, so the bar's rate is the training rate
+    if eval_data is not None and not result.interrupted:
+        result.eval = _log_eval(module, objective, eval_data, collate, autocast, device, step, logger, None, s)
+    if logger is not None:
+        logger.close()
     return result
 
 
-def _update(out, params, optimizer, max_grad_norm: float | None) -> tuple[float, float, bool]:
-    """Normalise, clip and apply one step's gradients: (loss, grad norm, finite).
+@dataclass
+class UpdateTotals:
+    """One update's sums over its micro-batches and all ranks (gradients hold the gradient of loss_sum)."""
+    loss_sum: float
+    count: float
+    tokens: int
+    metrics: dict  # name -> (sum, count)
 
-    When the loss or the gradient norm is NaN or infinite the update is not applied (weights and optimizer
-    moments stay as they were), so a checkpoint saved later never holds NaN.
+
+def accumulate_update(module, objective, micro_batches: list[dict], autocast) -> UpdateTotals:
+    """Forward and backward over the micro-batches of one update, gradients of loss SUMS accumulated in
+    `.grad`; DDP synchronises only on the last micro-batch. Counts and sums are added over ranks."""
+    objective.begin_update(module, micro_batches, autocast)
+    loss_sum, count, tokens, metrics = 0.0, 0.0, 0, {}
+    for i, batch in enumerate(micro_batches):
+        real = batch.get("is_real", True)
+        with dist.sync_context(module, sync=i == len(micro_batches) - 1):
+            with autocast():
+                out = objective.loss(module, batch)
+            (out.loss_sum if real else out.loss_sum * 0.0).backward()
+        weight = 1.0 if real else 0.0  # a rank's padding micro-batch: run for DDP's sake, counted as nothing
+        loss_sum += out.reported() * weight
+        count += out.count * weight
+        tokens += real_tokens(batch) if real else 0
+        for key, (s, c) in out.metrics.items():
+            acc = metrics.setdefault(key, [0.0, 0.0])
+            acc[0] += float(s) * weight
+            acc[1] += float(c) * weight
+    keys = sorted(metrics)  # every micro-batch of a method reports the same names, so ranks agree
+    flat = dist.all_sum([loss_sum, count, tokens] + [v for key in keys for v in metrics[key]])
+    return UpdateTotals(flat[0], flat[1], int(flat[2]),
+                        {key: (flat[3 + 2 * j], flat[4 + 2 * j]) for j, key in enumerate(keys)})
+
+
+def _apply_update(module, objective, micro_batches, params, optimizer, autocast, max_grad_norm) -> dict:
+    """One update: accumulate, divide by the global count once, clip, step.
+
+    When the loss or the gradient norm is NaN or infinite (on any rank) the update is not applied (weights
+    and optimizer moments stay as they were), so a checkpoint saved later never holds NaN.
     """
-    count = max(out.count, 1)  # under torchrun: all-reduce the count here, the one normalisation point
-    loss = float(out.loss_sum) / count
-    _scale_grads(params, 1.0 / count)
+    totals = accumulate_update(module, objective, micro_batches, autocast)
+    count = max(totals.count, 1.0)
+    loss = totals.loss_sum / count
+    # DDP averaged the gradients over ranks; the sum over ranks divided by the global count is what we want
+    _scale_grads(params, dist.world_size() / count)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    finite = dist.all_agree(math.isfinite(loss) and math.isfinite(grad_norm))
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, finite
+    row = {"loss": loss if finite else None, "grad_norm": grad_norm if finite else None, "count": totals.count,
+           "tokens": totals.tokens, "skipped": int(not finite), "raw_loss": loss, "raw_grad_norm": grad_norm}
+    for key, (s, c) in totals.metrics.items():
+        row[key] = s / c if c else None
+    return row
 
 
-def _check_bad_step(step: int, loss: float, grad_norm: float, bad_steps: int, s: LoopSettings, progress) -> None:
+def real_tokens(batch: dict) -> int:
+    """Non-pad tokens of a padded or packed batch."""
+    if "num_real" in batch:
+        return int(batch["num_real"])
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+
+def _scale_grads(params, factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def _log(logger, step: int, row: dict) -> None:
+    if logger is not None:
+        logger.log(step, "train", {k: v for k, v in row.items() if not k.startswith("raw_")})
+
+
+def _check_bad_step(step: int, row: dict, bad_steps: int, s, progress) -> None:
     """Warn about a skipped step; past `max_bad_steps` stop without saving, keeping the last good checkpoint."""
-    what = f"loss {loss}, gradient norm {grad_norm}"
+    what = f"loss {row['raw_loss']}, gradient norm {row['raw_grad_norm']}"
     if bad_steps > s.max_bad_steps:
         last = ckpt.latest_checkpoint(s.output_dir)
         kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was saved yet"
@@ -256,45 +259,62 @@ def _check_bad_step(step: int, loss: float, grad_norm: float, bad_steps: int, s:
     progress.write(f"warning: step {step}: {what}; update skipped ({bad_steps} of at most {s.max_bad_steps})")
 
 
-def _log_eval(model, objective, eval_data, collate, to_device, autocast, step, logger, progress, s):
-    model.eval()
-    size = s.micro_batch_size
-    batches = (to_device(collate(eval_data[i:i + size])) for i in range(0, len(eval_data), size))
-    metrics = objective.evaluate(model, batches, autocast)
-    if objective.unit == "tokens":
+def evaluate(module, objective, data, collate, batch_size: int, autocast, device) -> dict:
+    """Held-out metrics of `objective` on `data`, each rank scoring its share, sums added over ranks.
+
+    The one held-out evaluation: the loop's periodic and final evaluations and `tuneforge eval` all use it.
+    "loss" is per the method's unit; token-level methods also get "perplexity" (exp of the mean token loss).
+    """
+    tm = train_module(module)  # no DDP forward: ranks may score different numbers of batches
+    was_training = tm.training
+    tm.eval()
+    world, rank = dist.world_size(), dist.rank()
+    starts = range(rank * batch_size, len(data), batch_size * world)
+    batches = ({k: v.to(device) for k, v in collate(data[i:i + batch_size]).items()} for i in starts)
+    local = objective.evaluate(tm, batches, autocast)
+    keys = dist.union_keys(sorted(local))
+    flat = dist.all_sum([v for key in keys for v in local.get(key, (0.0, 0.0))])
+    metrics = {key: flat[2 * j] / flat[2 * j + 1] if flat[2 * j + 1] else None for j, key in enumerate(keys)}
+    metrics["count"] = flat[2 * keys.index("loss") + 1]
+    if objective.unit == "tokens" and metrics.get("loss") is not None:
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-    logger.log(step, "eval", metrics)
-    progress.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    tm.train(was_training)
     return metrics
 
 
-def _save(model, optimizer, step, s: LoopSettings, extra_writer, n_examples: int, total: int, bad_steps: int):
-    epoch, batch = divmod(step, steps_per_epoch(n_examples, s))
-    # The step alone fixes data position and schedule; the rest is written for people and for checks on resume.
-    state = {"seed": s.seed, "epoch": epoch, "batch_in_epoch": batch, "total_steps": total, "examples": n_examples,
-             "bad_steps": bad_steps}
-    ckpt.save_checkpoint(s.output_dir, step, trainable_weights(model), optimizer, state,
-                         keep_last=s.keep_last, extra_writer=extra_writer)
+def _log_eval(module, objective, eval_data, collate, autocast, device, step, logger, progress, s) -> dict:
+    metrics = evaluate(module, objective, eval_data, collate, s.micro_batch_size, autocast, device)
+    if logger is not None:
+        logger.log(step, "eval", metrics)
+    if dist.is_main():
+        text = f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None)
+        progress.write(text) if progress is not None else print(text, flush=True)
+    return metrics
 
 
-def _restore(model, optimizer, run_dir, n_examples: int, total: int, seed: int) -> tuple[int, int]:
+def _save(tm, optimizer, step: int, s, extra_writer, layout: dict, bad_steps: int) -> None:
+    """Rank 0 writes the checkpoint (replicated state under DDP); the others wait until it is complete."""
+    if dist.is_main():
+        epoch, batch = divmod(step, steps_per_epoch(layout["examples"], s, layout["world_size"]))
+        # The step alone fixes data position and schedule; the rest is written for people and for checks.
+        state = {**layout, "epoch": epoch, "batch_in_epoch": batch, "bad_steps": bad_steps}
+        ckpt.save_checkpoint(s.output_dir, step, ckpt.trainable_state_dict(tm), optimizer, state,
+                             keep_last=s.keep_last, extra_writer=extra_writer)
+    dist.barrier()
+
+
+def _restore(tm, optimizer, run_dir, layout: dict) -> tuple[int, int]:
     """(step, bad steps so far) from the newest readable checkpoint; (0, 0) when there is none."""
     found = ckpt.load_latest(run_dir, warn=lambda message: print(f"warning: {message}", flush=True))
     if found is None:
         return 0, 0
     path, (weights, opt_tensors, rng_tensors, state) = found
-    expected = {"examples": n_examples, "total_steps": total, "seed": seed}
-    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k, v) != v}
-    if changed:  # a different data set, schedule or seed would silently replay or skip data
-        raise TuneforgeError(f"{path}: cannot resume exactly, the run changed since the checkpoint "
-                             + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
-    current = trainable_weights(model)
-    missing = set(current) - set(weights)
-    if missing:
-        raise TuneforgeError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-    with torch.no_grad():
-        for name, param in current.items():
-            param.copy_(weights[name])
+    changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k, v) != v}
+    if changed:  # a different data set, batch shape, schedule or seed would silently replay or skip data
+        raise TuneforgeError(f"{path}: cannot resume exactly, the run changed since the checkpoint: "
+                             + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+                             + "; resume with the settings of the checkpoint, or start a new train.output_dir")
+    ckpt.load_trainable_state_dict(tm, weights, where=str(path))
     ckpt.optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
     ckpt.set_rng_state(rng_tensors, state["rng"])
     return int(state["step"]), int(state.get("bad_steps", 0))

@@ -1,0 +1,62 @@
+"""The method registry: what each method brings, as one entry.
+
+A method is its data builder (data/builders.py: how records become token sequences), its objective (the
+mathematics: objectives/), the held-out evaluation it adds beyond the held-out loss, and the way its result is
+saved. `run.py` is the same short conductor for every method and never tests a method's name; adding a
+method is adding an entry here (and its defaults in config/schema.py METHOD_DEFAULTS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _save_causal_lm(cfg, module, tokenizer, folder: Path) -> None:
+    """The adapter in PEFT format under LoRA, a full transformers model folder otherwise."""
+    model = module.model
+    if cfg.lora.enabled:
+        from tuneforge.adapters.lora import save_adapter
+        save_adapter(model, folder)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+
+
+def _chat_generation_records(cfg, data) -> list:
+    """Held-out conversations to score by generation (instruction/chat data with eval.generate on)."""
+    from tuneforge.data.records import as_chat
+    return [as_chat(r) for r in data.eval_records] if cfg.eval.generate else []
+
+
+def _no_generation_records(cfg, data) -> list:
+    return []
+
+
+def _sft_objective(cfg):
+    from tuneforge.objectives.sft import SFTObjective
+    return SFTObjective()
+
+
+def _clm_objective(cfg):
+    from tuneforge.objectives.clm import CausalLMObjective
+    return CausalLMObjective()
+
+
+@dataclass(frozen=True)
+class Method:
+    builder: str  # data builder name
+    objective: Callable  # cfg -> Objective
+    generation_records: Callable  # (cfg, prepared data) -> held-out records scored by generation
+    save: Callable  # (cfg, TrainModule, tokenizer, folder) -> None
+    heads: Callable | None = None  # (cfg, model) -> {name: nn.Module}: extra heads trained with the model
+
+
+METHODS: dict[str, Method] = {
+    "clm": Method("text_blocks", _clm_objective, _no_generation_records, _save_causal_lm),
+    "sft": Method("chat", _sft_objective, _chat_generation_records, _save_causal_lm),
+}
+
+
+def method_of(cfg) -> Method:
+    return METHODS[cfg.method]
