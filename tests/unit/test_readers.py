@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import tempfile
 from pathlib import Path
@@ -350,3 +351,49 @@ def test_property_junk_only_ever_raises_data_error(lines, extension, kind, on_er
         except DataError:
             return
         assert result.records and result.skipped >= 0
+
+
+# ------------------------------------------------------------------------------ byte-order marks, other encodings
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name, body, kind, split, expected", [
+    ("d.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n', "auto", "document", [("a", 1), ("b", 3)]),
+    ("d.json", b'[\n{"text": "a"},\n{"text": "b"}]', "auto", "document", [("a", 0), ("b", 1)]),
+    ("d.csv", b'text,n\n"a",1\nb,2\n', "auto", "document", [("a", 2), ("b", 3)]),
+    ("d.csv", b'"text"\r\n"multi\r\nline"\r\nb\r\n', "text", "document", [("multi\r\nline", 2), ("b", 4)]),
+    ("d.tsv", b"text\tn\na\t1\nb\t2\n", "auto", "document", [("a", 2), ("b", 3)]),
+    ("d.txt", b"first\nsecond\n", "text", "document", [("first\nsecond\n", 1)]),
+    ("d.md", b"first\n\nthird\n", "text", "line", [("first", 1), ("third", 3)]),
+])
+def test_utf8_bom_at_file_start_is_dropped_in_every_text_format(tmp_path, name, body, kind, split, expected):
+    """Windows editors save UTF-8 with a byte-order mark; it is no part of the first record or header."""
+    path = tmp_path / name
+    path.write_bytes(BOM + body)
+    records = read_records(path, kind, text_split=split).records
+    assert [(r.text, r.source.line) for r in records] == expected
+
+
+def test_utf8_bom_inside_a_file_is_not_dropped(tmp_path):
+    """Only the file's first bytes can be a byte-order mark; elsewhere U+FEFF is content, or a broken line."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a"}\n' + BOM + b'{"text": "b"}\n')
+    error = error_of(path, "text")
+    assert error.line == 2 and "malformed JSON" in str(error)
+    text = tmp_path / "d.txt"
+    text.write_bytes(b"a" + BOM + b"b")
+    assert read_records(text, "text").records[0].text == "a\ufeffb"
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-32"])
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.txt"])
+def test_utf16_and_utf32_files_are_refused_as_a_whole(tmp_path, codec, name):
+    """PowerShell's `>` and Notepad's "Unicode" write UTF-16. Decoded as UTF-8, only the byte-order mark fails:
+    the rest reads as text full of NUL characters, which skip mode used to keep as records."""
+    path = tmp_path / name
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE}.get(codec, b"")
+    path.write_bytes(bom + "text\nhello\nworld\n".encode(codec))
+    error = error_of(path, "text", on_error="skip", text_split="line")
+    assert error.path == str(path) and error.line is None, str(error)
+    assert f"{codec[:6].upper()} byte-order mark" in str(error) and "save it as UTF-8" in str(error)

@@ -222,11 +222,26 @@ def _rows(path: str, fmt: str, text_key: str, text_split: str) -> Iterator[tuple
     return {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows}[fmt](path)
 
 
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def _open(path: str):
+    """The file, opened binary; refused whole when it is UTF-16/32. Read as UTF-8, such a file fails only at its
+    byte-order mark, and the rest decodes as text full of NUL characters that skip mode would keep as records."""
     try:
-        return open(path, "rb")
+        fh = open(path, "rb")
+        head = fh.read(4)
+        fh.seek(0)
     except OSError as error:
         raise DataError(f"cannot read file: {error.strerror or error}", path) from error
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            fh.close()
+            raise DataError(f"the file starts with a {encoding} byte-order mark (PowerShell's > and Notepad's "
+                            "'Unicode' write such files); tuneforge reads UTF-8: save it as UTF-8", path)
+    return fh
 
 
 def _read_bytes(path: str) -> bytes:
