@@ -397,3 +397,90 @@ def test_utf16_and_utf32_files_are_refused_as_a_whole(tmp_path, codec, name):
     error = error_of(path, "text", on_error="skip", text_split="line")
     assert error.path == str(path) and error.line is None, str(error)
     assert f"{codec[:6].upper()} byte-order mark" in str(error) and "save it as UTF-8" in str(error)
+
+
+# ------------------------------------------------------------------------------------- content as a list of parts
+
+def text_parts(*texts):
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_chat_content_as_text_parts_is_joined_in_order(tmp_path):
+    """OpenAI-style content parts, as many public chat data sets store them; text parts are concatenated as
+    written (no separator added), mixed freely with plain-string content."""
+    row = {"messages": [{"role": "system", "content": text_parts("Be terse.")},
+                        {"role": "user", "content": text_parts("Line one.\n", "Line two.")},
+                        {"role": "assistant", "content": "Plain string."},
+                        {"role": "user", "content": [{"type": "text", "text": "Tagged", "cache_control": None}]},
+                        {"role": "assistant", "content": text_parts("Hel", "lo", " world.")}]}
+    record = read_records(jsonl(tmp_path, [row])).records[0]
+    assert [m.content for m in record.messages] == ["Be terse.", "Line one.\nLine two.", "Plain string.", "Tagged",
+                                                    "Hello world."]
+
+
+def test_chat_content_parts_with_mapped_fields_csv_and_parquet(tmp_path):
+    row = {"conversations": [{"from": "human", "value": text_parts("Q")}, {"from": "gpt", "value": text_parts("A")}]}
+    fields = {"messages": "conversations", "role": "from", "content": "value"}
+    record = read_records(jsonl(tmp_path, [row]), "chat", fields=fields).records[0]
+    assert record.messages == [Message("user", "Q"), Message("assistant", "A")]
+    csv_path = tmp_path / "c.csv"
+    cell = json.dumps([{"role": "user", "content": text_parts("Q")},
+                       {"role": "assistant", "content": text_parts("A")}]).replace('"', '""')
+    csv_path.write_text(f'messages\n"{cell}"\n', encoding="utf-8")
+    assert read_records(csv_path).records[0].messages[1] == Message("assistant", "A")
+    # Arrow gives every part of a column the union of the parts' keys, so a text part carries image_url: None.
+    parquet = tmp_path / "p.parquet"
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
+                          {"role": "assistant", "content": text_parts("A", "!")}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": text_parts("B")}]}]
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    result = read_records(parquet, on_error="skip")
+    assert result.records[0].messages[1].content == "A!" and result.skipped == 1
+    assert "record 1, field 'messages[0].content[0].type'" in result.errors[0] and "image_url" in result.errors[0]
+
+
+def message_rows(content, role="assistant"):
+    user = {"role": "user", "content": "Hi"}
+    return {"messages": [user, {"role": role, "content": content}] if role == "assistant" else
+            [{"role": role, "content": content}, {"role": "assistant", "content": "A"}]}
+
+
+@pytest.mark.parametrize("row, field, words", [
+    (message_rows([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}], role="user"),
+     "messages[0].content[0].type", "'image_url' content part"),
+    (message_rows(text_parts("Look:") + [{"type": "input_audio", "input_audio": {"data": "..."}}]),
+     "messages[1].content[1].type", "'input_audio' content part"),
+    (message_rows([{"type": "refusal", "refusal": "No."}]), "messages[1].content[0].type", "'refusal'"),
+    (message_rows(["just a string"]), "messages[1].content[0]", "expected a content part object, got string"),
+    (message_rows([{"text": "no type"}]), "messages[1].content[0].type", "missing required field"),
+    (message_rows([{"type": 3}]), "messages[1].content[0].type", "expected a string, got number"),
+    (message_rows([{"type": "text"}]), "messages[1].content[0].text", "missing required field"),
+    (message_rows([{"type": "text", "text": None}]), "messages[1].content[0].text", "got null"),
+    (message_rows([{"type": "text", "text": ["a"]}]), "messages[1].content[0].text", "expected a string, got list"),
+    (message_rows([]), "messages[1].content", "empty assistant turn"),
+    (message_rows(text_parts(" ", "\n")), "messages[1].content", "empty assistant turn"),
+    (message_rows({"type": "text", "text": "a dict"}), "messages[1].content",
+     "expected a string or a list of content parts, got object"),
+    (message_rows(7), "messages[1].content", "expected a string or a list of content parts, got number"),
+])
+def test_chat_content_part_errors_name_the_part(tmp_path, row, field, words):
+    error = error_of(jsonl(tmp_path, [CHAT, row]), "chat")
+    assert error.field == field and error.line == 2, str(error)
+    assert words in str(error) and f"data.jsonl, line 2, field '{field}'" in str(error)
+
+
+def test_image_part_error_says_only_text_is_read(tmp_path):
+    error = error_of(jsonl(tmp_path, [message_rows([{"type": "image_url", "image_url": {"url": "u"}}], "user")]))
+    assert "only text parts" in str(error)
+
+
+@pytest.mark.parametrize("name", ["chosen", "rejected"])
+def test_preference_answers_as_messages_are_refused_by_field(tmp_path, name):
+    """chosen/rejected are answer strings; conversational preference data (lists of messages, or of content
+    parts) is not read yet, and says so instead of failing later."""
+    row = {"prompt": "p", "chosen": "a", "rejected": "b",
+           name: [{"role": "assistant", "content": text_parts("a list")}]}
+    error = error_of(jsonl(tmp_path, [row]), "preference")
+    assert error.field == name and error.line == 1
+    assert "expected a string, got list" in str(error) and "lists of messages are not supported" in str(error)

@@ -458,7 +458,7 @@ def _build(kind: str | None, obj: Any, src: Source, cols: dict, tabular: bool) -
             input=_string(obj, cols["input"], src, required=False) or "",
             system=_nonblank(_string(obj, cols["system"], src, required=False)), source=src)
     if kind == "preference":
-        prompt, chosen, rejected = (_string(obj, cols[n], src) for n in ("prompt", "chosen", "rejected"))
+        prompt, chosen, rejected = (_preference_text(obj, cols[n], src) for n in ("prompt", "chosen", "rejected"))
         if chosen == rejected:
             raise _err(src, cols["rejected"], "chosen and rejected are identical, so the pair teaches nothing")
         return PreferenceRecord(prompt, chosen, rejected, src)
@@ -467,6 +467,13 @@ def _build(kind: str | None, obj: Any, src: Source, cols: dict, tabular: bool) -
         return PromptRecord(_string(obj, cols["prompt"], src),
                             _nonblank(_string(obj, ref_key, src, required=False)), src)
     return TextRecord(_string(obj, cols["text"], src), src)
+
+
+def _preference_text(obj: dict, key: str, src: Source) -> str:
+    if isinstance(obj.get(key), list):  # TRL's conversational form; say so rather than only "got list"
+        raise _err(src, key, "expected a string, got list (lists of messages are not supported yet for "
+                   "preference data: give the prompt and answers as strings)")
+    return _string(obj, key, src)
 
 
 def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
@@ -489,16 +496,43 @@ def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
                        "map others with fields={'roles': {...}})")
         if role == "system" and i != 0:
             raise _err(src, f"{where}.{role_key}", "a system message must be the first message")
-        content = _string(turn, content_key, src, f"{where}.{content_key}", required=False)
-        if content is None:
-            raise _missing(turn, src, f"{where}.{content_key}") if content_key not in turn else \
-                _err(src, f"{where}.{content_key}", "expected a string, got null")
+        content = _content(turn, content_key, src, f"{where}.{content_key}")
         if not content.strip():
             raise _err(src, f"{where}.{content_key}", f"empty {role} turn")
         messages.append(Message(role, content))
     if not any(m.role == "assistant" for m in messages):
         raise _err(src, key, "no assistant turn, so there is nothing to train on")
     return ChatRecord(messages, src)
+
+
+def _content(turn: dict, key: str, src: Source, label: str) -> str:
+    """A message's text: a string, or OpenAI-style content parts (`[{"type": "text", "text": ...}, ...]`).
+
+    Text parts are concatenated in order with nothing added between them, as the OpenAI API does: a part
+    boundary is not a word or line boundary, and a writer who wanted a newline there wrote one. Any other part
+    (image_url, input_audio, ...) is an error naming that part: dropping it would train on half a message.
+    """
+    value = turn.get(key)
+    if value is None:
+        raise _missing(turn, src, label) if key not in turn else _err(src, label, "expected a string, got null")
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _err(src, label, f"expected a string or a list of content parts, got {_type_name(value)}")
+    texts = []
+    for j, part in enumerate(value):
+        where = f"{label}[{j}]"
+        if not isinstance(part, dict):
+            raise _err(src, where, f"expected a content part object, got {_type_name(part)}")
+        part_type = _string(part, "type", src, f"{where}.type")
+        if part_type != "text":
+            raise _err(src, f"{where}.type", f"unsupported '{part_type}' content part: only text parts are read")
+        text = part.get("text")
+        if not isinstance(text, str):  # a blank part is fine: only the joined message must not be blank
+            raise _missing(part, src, f"{where}.text") if "text" not in part else \
+                _err(src, f"{where}.text", f"expected a string, got {_type_name(text)}")
+        texts.append(text)
+    return "".join(texts)
 
 
 def _pair(obj: dict, src: Source, cols: dict, tabular: bool) -> PairRecord:
