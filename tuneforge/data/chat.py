@@ -90,14 +90,31 @@ def assistant_spans(tokenizer, msgs: list[dict], which: str, where: Source | Non
     for i in turns:
         before = _prompt_before(tokenizer, msgs, i, where)
         upto = render(tokenizer, msgs[: i + 1], where=where).rstrip()
-        content = msgs[i]["content"]
-        at = upto.find(content, len(before)) if content else len(upto)
-        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before) and at >= 0):
+        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
             raise AuditError(f"{where or 'example'}: the chat template renders inconsistently: the prompt "
                              f"up to assistant turn {i} is not a prefix of the whole conversation")
-        eot_start = at + len(content)
-        spans.append((len(before), len(upto), eot_start))
+        at, shown = _rendered_content(upto, msgs[i]["content"], len(before))
+        if at < 0:
+            raise AuditError(f"{where or 'example'}: the chat template renders inconsistently: the content of "
+                             f"assistant turn {i} is not in its render, neither verbatim nor trimmed")
+        spans.append((len(before), len(upto), at + shown))
     return text, spans
+
+
+def _rendered_content(upto: str, content: str, start: int) -> tuple[int, int]:
+    """(where, length) of a turn's content in its render, searched from `start`; (-1, 0) if it is not there.
+
+    Verbatim, or trimmed: Llama-3 and Gemma templates render `message['content'] | trim`, so a reply with
+    leading or trailing whitespace shows up without it. Then the trimmed text (and its end-of-turn marker) is
+    what the model must produce, and the span from the generation prompt to the marker covers exactly that.
+    """
+    if not content.strip():
+        return len(upto), 0
+    for shown in (content, content.strip()):  # Jinja's trim is Python's str.strip()
+        at = upto.find(shown, start)
+        if at >= 0:
+            return at, len(shown)
+    return -1, 0
 
 
 _PLACEHOLDER = "\ue000tuneforge-turn\ue001"  # private-use characters: no real content contains them
