@@ -228,7 +228,7 @@ def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
 def _content(turn: dict, key: str, src: Source, label: str) -> str:
     """A message's text: a string, or OpenAI-style content parts (`[{"type": "text", "text": ...}, ...]`).
 
-    Text parts are concatenated in order with nothing added between them, as the OpenAI API does: a part
+    Text parts are concatenated in order with nothing added between them, which loses nothing: a part
     boundary is not a word or line boundary, and a writer who wanted a newline there wrote one. Any other part
     (image_url, input_audio, ...) is an error naming that part: dropping it would train on half a message.
     """
