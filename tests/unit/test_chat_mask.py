@@ -117,3 +117,44 @@ def test_conversation_opening_with_an_assistant_turn(tok):
     ex = tokenize_chat(tok, record)
     assert supervised_text(tok, ex) == "Hello, how can I help?<|im_end|>5<|im_end|>"
     assert "tiny helpful assistant" in tok.decode(ex.input_ids)
+
+
+# Llama-3 and Gemma render `message['content'] | trim`; this is the tiny tokenizer's ChatML with the same trim.
+TRIM_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PADDED = ChatRecord([Message("system", "\n Be brief.  "), Message("user", "  Hi there \n"),
+                     Message("assistant", "\n  Hello.  \n"), Message("user", "\tAnd?\n"),
+                     Message("assistant", " Fine,\n thanks.\n\n")])
+
+
+def test_trimming_template_masks_exactly_the_trimmed_reply_and_end_of_turn():
+    tok = make_tiny_tokenizer()
+    tok.chat_template = TRIM_TEMPLATE
+    ex = tokenize_chat(tok, PADDED)
+    assert supervised_text(tok, ex) == "Hello.<|im_end|>Fine,\n thanks.<|im_end|>"
+    assert len(ex.eot_positions) == 2
+    audit_example(ex, expected_turns=2)
+    assert supervised_text(tok, tokenize_chat(tok, PADDED, mask="last")) == "Fine,\n thanks.<|im_end|>"
+    opening = ChatRecord([Message("assistant", "  Welcome!\n"), Message("user", " Q "), Message("assistant", " A ")])
+    assert supervised_text(tok, tokenize_chat(tok, opening)) == "Welcome!<|im_end|>A<|im_end|>"
+
+
+def test_padded_content_under_a_verbatim_template_keeps_its_whitespace(tok):
+    ex = tokenize_chat(tok, PADDED)
+    assert supervised_text(tok, ex) == "\n  Hello.  \n<|im_end|> Fine,\n thanks.\n\n<|im_end|>"
+
+
+@pytest.mark.parametrize("template", [
+    # trims only the final message, so a turn renders differently once the conversation goes on
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}{{ m['content'] | trim }}{% else %}"
+    "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # changes the content in a way other than trimming it
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+])
+def test_templates_that_really_render_inconsistently_are_still_refused(template):
+    tok = make_tiny_tokenizer()
+    tok.chat_template = template
+    with pytest.raises(AuditError, match="inconsistent"):
+        tokenize_chat(tok, PADDED)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
+from tuneforge.data.chat import prompt_messages, tokenize_chat
+from tuneforge.data.records import ChatRecord, Message
+from tuneforge.errors import AuditError
 from tuneforge.eval.generation import generate, stop_token_ids
 from tuneforge.eval.task import score
 
@@ -25,3 +32,50 @@ def test_scores():
     assert score(" BILLING ", "BILLING") == {"exact": 1.0, "lenient": 1.0}
     assert score("It is billing.", "BILLING") == {"exact": 0.0, "lenient": 1.0}
     assert score("SHIPPING", "BILLING") == {"exact": 0.0, "lenient": 0.0}
+
+
+class PromptRecorder(torch.nn.Module):
+    """Stands in for a model: records the prompt ids generate() feeds it (padding removed), generates nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.prompts: list[list[int]] = []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.prompts += [row[keep.bool()].tolist() for row, keep in zip(input_ids, attention_mask)]
+        return input_ids
+
+
+CONVERSATIONS = {
+    "one turn": [Message("user", "Add 2 and 3."), Message("assistant", "5")],
+    "two turns": [Message("user", "Hi"), Message("assistant", "Hello."), Message("user", "And?"),
+                  Message("assistant", "Fine.")],
+    "own system message": [Message("system", "Answer in French."), Message("user", "Hi"),
+                           Message("assistant", "Bonjour.")],
+    "assistant opens": [Message("assistant", "Hello, how can I help?")],
+}
+
+
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_generation_prompt_is_the_prompt_training_supervises_after(tiny_tokenizer, name, system_prompt):
+    """Training and inference must agree: the ids generate() feeds the model for a conversation's last reply are
+    exactly the ids before that reply in the training example, with the same system-prompt handling."""
+    record = ChatRecord(CONVERSATIONS[name])
+    ex = tokenize_chat(tiny_tokenizer, record, mask="last", system_prompt=system_prompt)
+    recorder = PromptRecorder()
+    generate(recorder, tiny_tokenizer, [prompt_messages(record)], max_new_tokens=1, system_prompt=system_prompt)
+    assert recorder.prompts == [ex.input_ids[:ex.loss_mask.index(1)]]
+    prompt = tiny_tokenizer.decode(recorder.prompts[0])
+    has_own = record.messages[0].role == "system"
+    assert ("Be brief." in prompt) == (system_prompt is not None and not has_own)
+    assert ("Answer in French." in prompt) == has_own
+    assert ("tiny helpful assistant" in prompt) == (system_prompt is None and not has_own)  # the template's default
+
+
+def test_generation_without_a_chat_template_says_what_to_set(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(AuditError, match="data.chat_template"):
+        generate(PromptRecorder(), tok, [[{"role": "user", "content": "Hi"}]])

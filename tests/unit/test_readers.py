@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import tempfile
 from pathlib import Path
@@ -350,3 +351,136 @@ def test_property_junk_only_ever_raises_data_error(lines, extension, kind, on_er
         except DataError:
             return
         assert result.records and result.skipped >= 0
+
+
+# ------------------------------------------------------------------------------ byte-order marks, other encodings
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name, body, kind, split, expected", [
+    ("d.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n', "auto", "document", [("a", 1), ("b", 3)]),
+    ("d.json", b'[\n{"text": "a"},\n{"text": "b"}]', "auto", "document", [("a", 0), ("b", 1)]),
+    ("d.csv", b'text,n\n"a",1\nb,2\n', "auto", "document", [("a", 2), ("b", 3)]),
+    ("d.csv", b'"text"\r\n"multi\r\nline"\r\nb\r\n', "text", "document", [("multi\r\nline", 2), ("b", 4)]),
+    ("d.tsv", b"text\tn\na\t1\nb\t2\n", "auto", "document", [("a", 2), ("b", 3)]),
+    ("d.txt", b"first\nsecond\n", "text", "document", [("first\nsecond\n", 1)]),
+    ("d.md", b"first\n\nthird\n", "text", "line", [("first", 1), ("third", 3)]),
+])
+def test_utf8_bom_at_file_start_is_dropped_in_every_text_format(tmp_path, name, body, kind, split, expected):
+    """Windows editors save UTF-8 with a byte-order mark; it is no part of the first record or header."""
+    path = tmp_path / name
+    path.write_bytes(BOM + body)
+    records = read_records(path, kind, text_split=split).records
+    assert [(r.text, r.source.line) for r in records] == expected
+
+
+def test_utf8_bom_inside_a_file_is_not_dropped(tmp_path):
+    """Only the file's first bytes can be a byte-order mark; elsewhere U+FEFF is content, or a broken line."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a"}\n' + BOM + b'{"text": "b"}\n')
+    error = error_of(path, "text")
+    assert error.line == 2 and "malformed JSON" in str(error)
+    text = tmp_path / "d.txt"
+    text.write_bytes(b"a" + BOM + b"b")
+    assert read_records(text, "text").records[0].text == "a\ufeffb"
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-32"])
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.txt"])
+def test_utf16_and_utf32_files_are_refused_as_a_whole(tmp_path, codec, name):
+    """PowerShell's `>` and Notepad's "Unicode" write UTF-16. Decoded as UTF-8, only the byte-order mark fails:
+    the rest reads as text full of NUL characters, which skip mode used to keep as records."""
+    path = tmp_path / name
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE}.get(codec, b"")
+    path.write_bytes(bom + "text\nhello\nworld\n".encode(codec))
+    error = error_of(path, "text", on_error="skip", text_split="line")
+    assert error.path == str(path) and error.line is None, str(error)
+    assert f"{codec[:6].upper()} byte-order mark" in str(error) and "save it as UTF-8" in str(error)
+
+
+# ------------------------------------------------------------------------------------- content as a list of parts
+
+def text_parts(*texts):
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_chat_content_as_text_parts_is_joined_in_order(tmp_path):
+    """OpenAI-style content parts, as many public chat data sets store them; text parts are concatenated as
+    written (no separator added), mixed freely with plain-string content."""
+    row = {"messages": [{"role": "system", "content": text_parts("Be terse.")},
+                        {"role": "user", "content": text_parts("Line one.\n", "Line two.")},
+                        {"role": "assistant", "content": "Plain string."},
+                        {"role": "user", "content": [{"type": "text", "text": "Tagged", "cache_control": None}]},
+                        {"role": "assistant", "content": text_parts("Hel", "lo", " world.")}]}
+    record = read_records(jsonl(tmp_path, [row])).records[0]
+    assert [m.content for m in record.messages] == ["Be terse.", "Line one.\nLine two.", "Plain string.", "Tagged",
+                                                    "Hello world."]
+
+
+def test_chat_content_parts_with_mapped_fields_csv_and_parquet(tmp_path):
+    row = {"conversations": [{"from": "human", "value": text_parts("Q")}, {"from": "gpt", "value": text_parts("A")}]}
+    fields = {"messages": "conversations", "role": "from", "content": "value"}
+    record = read_records(jsonl(tmp_path, [row]), "chat", fields=fields).records[0]
+    assert record.messages == [Message("user", "Q"), Message("assistant", "A")]
+    csv_path = tmp_path / "c.csv"
+    cell = json.dumps([{"role": "user", "content": text_parts("Q")},
+                       {"role": "assistant", "content": text_parts("A")}]).replace('"', '""')
+    csv_path.write_text(f'messages\n"{cell}"\n', encoding="utf-8")
+    assert read_records(csv_path).records[0].messages[1] == Message("assistant", "A")
+    # Arrow gives every part of a column the union of the parts' keys, so a text part carries image_url: None.
+    parquet = tmp_path / "p.parquet"
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
+                          {"role": "assistant", "content": text_parts("A", "!")}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": text_parts("B")}]}]
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    result = read_records(parquet, on_error="skip")
+    assert result.records[0].messages[1].content == "A!" and result.skipped == 1
+    assert "record 1, field 'messages[0].content[0].type'" in result.errors[0] and "image_url" in result.errors[0]
+
+
+def message_rows(content, role="assistant"):
+    user = {"role": "user", "content": "Hi"}
+    return {"messages": [user, {"role": role, "content": content}] if role == "assistant" else
+            [{"role": role, "content": content}, {"role": "assistant", "content": "A"}]}
+
+
+@pytest.mark.parametrize("row, field, words", [
+    (message_rows([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}], role="user"),
+     "messages[0].content[0].type", "'image_url' content part"),
+    (message_rows(text_parts("Look:") + [{"type": "input_audio", "input_audio": {"data": "..."}}]),
+     "messages[1].content[1].type", "'input_audio' content part"),
+    (message_rows([{"type": "refusal", "refusal": "No."}]), "messages[1].content[0].type", "'refusal'"),
+    (message_rows(["just a string"]), "messages[1].content[0]", "expected a content part object, got string"),
+    (message_rows([{"text": "no type"}]), "messages[1].content[0].type", "missing required field"),
+    (message_rows([{"type": 3}]), "messages[1].content[0].type", "expected a string, got number"),
+    (message_rows([{"type": "text"}]), "messages[1].content[0].text", "missing required field"),
+    (message_rows([{"type": "text", "text": None}]), "messages[1].content[0].text", "got null"),
+    (message_rows([{"type": "text", "text": ["a"]}]), "messages[1].content[0].text", "expected a string, got list"),
+    (message_rows([]), "messages[1].content", "empty assistant turn"),
+    (message_rows(text_parts(" ", "\n")), "messages[1].content", "empty assistant turn"),
+    (message_rows({"type": "text", "text": "a dict"}), "messages[1].content",
+     "expected a string or a list of content parts, got object"),
+    (message_rows(7), "messages[1].content", "expected a string or a list of content parts, got number"),
+])
+def test_chat_content_part_errors_name_the_part(tmp_path, row, field, words):
+    error = error_of(jsonl(tmp_path, [CHAT, row]), "chat")
+    assert error.field == field and error.line == 2, str(error)
+    assert words in str(error) and f"data.jsonl, line 2, field '{field}'" in str(error)
+
+
+def test_image_part_error_says_only_text_is_read(tmp_path):
+    error = error_of(jsonl(tmp_path, [message_rows([{"type": "image_url", "image_url": {"url": "u"}}], "user")]))
+    assert "only text parts" in str(error)
+
+
+@pytest.mark.parametrize("name", ["chosen", "rejected"])
+def test_preference_answers_as_messages_are_refused_by_field(tmp_path, name):
+    """chosen/rejected are answer strings; conversational preference data (lists of messages, or of content
+    parts) is not read yet, and says so instead of failing later."""
+    row = {"prompt": "p", "chosen": "a", "rejected": "b",
+           name: [{"role": "assistant", "content": text_parts("a list")}]}
+    error = error_of(jsonl(tmp_path, [row]), "preference")
+    assert error.field == name and error.line == 1
+    assert "expected a string, got list" in str(error) and "lists of messages are not supported" in str(error)

@@ -45,11 +45,19 @@ class RenderStats:
         self.supervised += sum(ex.loss_mask)
 
 
-def _messages(record: ChatRecord, system_prompt: str | None) -> list[dict]:
-    msgs = [{"role": m.role, "content": m.content} for m in record.messages]
+def with_system_prompt(msgs: list[dict], system_prompt: str | None) -> list[dict]:
+    """`msgs` with `system_prompt` as a first system message, unless they open with their own.
+
+    The only place a configured system prompt (data.system_prompt) is inserted: training (tokenize_chat) and
+    generation (eval.generation) both call it, so a tuned model is prompted the way it was trained.
+    """
     if system_prompt and (not msgs or msgs[0]["role"] != "system"):
-        msgs.insert(0, {"role": "system", "content": system_prompt})
-    return msgs
+        return [{"role": "system", "content": system_prompt}, *msgs]
+    return list(msgs)
+
+
+def _messages(record: ChatRecord, system_prompt: str | None) -> list[dict]:
+    return with_system_prompt([{"role": m.role, "content": m.content} for m in record.messages], system_prompt)
 
 
 def prompt_messages(record: ChatRecord, system_prompt: str | None = None) -> list[dict]:
@@ -88,31 +96,50 @@ def assistant_spans(tokenizer, msgs: list[dict], which: str, where: Source | Non
         turns = turns[-1:]
     spans = []
     for i in turns:
-        before = _prompt_before(tokenizer, msgs, i, where)
+        before = generation_prompt(tokenizer, msgs[:i], where)
         upto = render(tokenizer, msgs[: i + 1], where=where).rstrip()
-        content = msgs[i]["content"]
-        at = upto.find(content, len(before)) if content else len(upto)
-        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before) and at >= 0):
+        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
             raise AuditError(f"{where or 'example'}: the chat template renders inconsistently: the prompt "
                              f"up to assistant turn {i} is not a prefix of the whole conversation")
-        eot_start = at + len(content)
-        spans.append((len(before), len(upto), eot_start))
+        at, shown = _rendered_content(upto, msgs[i]["content"], len(before))
+        if at < 0:
+            raise AuditError(f"{where or 'example'}: the chat template renders inconsistently: the content of "
+                             f"assistant turn {i} is not in its render, neither verbatim nor trimmed")
+        spans.append((len(before), len(upto), at + shown))
     return text, spans
+
+
+def _rendered_content(upto: str, content: str, start: int) -> tuple[int, int]:
+    """(where, length) of a turn's content in its render, searched from `start`; (-1, 0) if it is not there.
+
+    Verbatim, or trimmed: Llama-3 and Gemma templates render `message['content'] | trim`, so a reply with
+    leading or trailing whitespace shows up without it. Then the trimmed text (and its end-of-turn marker) is
+    what the model must produce, and the span from the generation prompt to the marker covers exactly that.
+    """
+    if not content.strip():
+        return len(upto), 0
+    for shown in (content, content.strip()):  # Jinja's trim is Python's str.strip()
+        at = upto.find(shown, start)
+        if at >= 0:
+            return at, len(shown)
+    return -1, 0
 
 
 _PLACEHOLDER = "\ue000tuneforge-turn\ue001"  # private-use characters: no real content contains them
 
 
-def _prompt_before(tokenizer, msgs: list[dict], i: int, where: Source | None) -> str:
-    """The render of everything before assistant turn i's content: the generation prompt after msgs[:i].
+def generation_prompt(tokenizer, msgs: list[dict], where: Source | None = None) -> str:
+    """The render after which the model writes the next assistant turn of `msgs`: what generation feeds the
+    model, and in training the text before an assistant turn's supervised span (one function, so both agree).
 
-    A conversation may open with an assistant turn (a bot that greets first); there is no prompt to render
-    then, but the template may still put a preamble before it (an injected default system prompt, the turn
-    header). Rendering the turn once with a placeholder content shows where its content starts.
+    With no messages before the turn (a bot that greets first) there is nothing to render, and transformers
+    refuses an empty conversation, but the template may still put a preamble there (an injected default
+    system prompt, the turn header). Rendering an assistant turn with a placeholder content shows where its
+    content starts.
     """
-    if i > 0:
-        return render(tokenizer, msgs[:i], add_generation_prompt=True, where=where)
-    probe = render(tokenizer, [{**msgs[0], "content": _PLACEHOLDER}], where=where)
+    if msgs:
+        return render(tokenizer, msgs, add_generation_prompt=True, where=where)
+    probe = render(tokenizer, [{"role": "assistant", "content": _PLACEHOLDER}], where=where)
     if _PLACEHOLDER not in probe:
         raise AuditError(f"{where or 'example'}: the chat template does not render message content verbatim")
     return probe[:probe.index(_PLACEHOLDER)]

@@ -20,13 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
-from tuneforge.data.records import (
-    RECORD_TYPES, ROLES, ChatRecord, InstructionRecord, Message, PairRecord, PreferenceRecord, PromptRecord, Source,
-    TextRecord,
-)
+from tuneforge.data.records import RECORD_TYPES, ROLES, Record, Source, build_record
 from tuneforge.errors import ConfigError, DataError
 
-Record = Union[TextRecord, ChatRecord, InstructionRecord, PreferenceRecord, PairRecord, PromptRecord]
 PathLike = Union[str, os.PathLike]
 
 KINDS = tuple(RECORD_TYPES)
@@ -114,7 +110,7 @@ def _generate(files: list[tuple[str, str]], kind: str, fields: dict, text_key: s
             try:
                 if isinstance(obj, DataError):
                     raise obj
-                record = _build(resolved, obj, src, cols, tabular=fmt in ("csv", "tsv"))
+                record = build_record(resolved, obj, src, cols, tabular=fmt in ("csv", "tsv"))
             except DataError as error:
                 if on_error == "raise":
                     raise
@@ -222,11 +218,26 @@ def _rows(path: str, fmt: str, text_key: str, text_split: str) -> Iterator[tuple
     return {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows}[fmt](path)
 
 
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def _open(path: str):
+    """The file, opened binary; refused whole when it is UTF-16/32. Read as UTF-8, such a file fails only at its
+    byte-order mark, and the rest decodes as text full of NUL characters that skip mode would keep as records."""
     try:
-        return open(path, "rb")
+        fh = open(path, "rb")
+        head = fh.read(4)
+        fh.seek(0)
     except OSError as error:
         raise DataError(f"cannot read file: {error.strerror or error}", path) from error
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            fh.close()
+            raise DataError(f"the file starts with a {encoding} byte-order mark (PowerShell's > and Notepad's "
+                            "'Unicode' write such files); tuneforge reads UTF-8: save it as UTF-8", path)
+    return fh
 
 
 def _read_bytes(path: str) -> bytes:
@@ -377,125 +388,3 @@ def _text_rows(path: str, text_key: str, text_split: str) -> Iterator[tuple[Sour
         return
     if text.strip():
         yield Source(path, 1), {text_key: text}
-
-
-# -------------------------------------------------------------------------------------- validation, typed records
-
-def _err(src: Source, field_name: str | None, message: str) -> DataError:
-    return DataError(message, src.path, src.line, field_name, src.index_kind)
-
-
-def _type_name(value: Any) -> str:
-    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "list",
-             dict: "object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _string(obj: dict, key: str, src: Source, label: str | None = None, required: bool = True) -> str | None:
-    """The string at obj[key]. Optional: None when absent or null. Required: present, a string, not blank."""
-    label = label or key
-    value = obj.get(key)
-    if value is None:
-        if not required:
-            return None
-        if key in obj:
-            raise _err(src, label, "expected a string, got null")
-        raise _missing(obj, src, label)
-    if not isinstance(value, str):
-        raise _err(src, label, f"expected a string, got {_type_name(value)}")
-    if required and not value.strip():
-        raise _err(src, label, "empty string")
-    return value
-
-
-def _missing(obj: dict, src: Source, label: str) -> DataError:
-    present = ", ".join(map(str, list(obj)[:10])) or "none"  # usually a column-name mismatch: show what is there
-    return _err(src, label, f"missing required field (present: {present})")
-
-
-def _nonblank(value: str | None) -> str | None:
-    return value if value and value.strip() else None
-
-
-def _list_cell(obj: dict, key: str, src: Source, tabular: bool) -> Any:
-    """CSV/TSV cells are strings, so a list (messages, negatives) is written there as JSON text."""
-    value = obj.get(key)
-    if not tabular or not isinstance(value, str):
-        return value
-    if not value.strip():
-        return None
-    try:
-        return json.loads(value)
-    except (ValueError, RecursionError) as error:
-        raise _err(src, key, f"expected a JSON list in this cell: {error}") from error
-
-
-def _build(kind: str | None, obj: Any, src: Source, cols: dict, tabular: bool) -> Record:
-    if not isinstance(obj, dict):
-        raise _err(src, None, f"expected a JSON object, got {_type_name(obj)}")
-    if kind == "chat":
-        return _chat(obj, src, cols, tabular)
-    if kind == "pair":
-        return _pair(obj, src, cols, tabular)
-    if kind == "instruction":
-        return InstructionRecord(
-            instruction=_string(obj, cols["instruction"], src), output=_string(obj, cols["output"], src),
-            input=_string(obj, cols["input"], src, required=False) or "",
-            system=_nonblank(_string(obj, cols["system"], src, required=False)), source=src)
-    if kind == "preference":
-        prompt, chosen, rejected = (_string(obj, cols[n], src) for n in ("prompt", "chosen", "rejected"))
-        if chosen == rejected:
-            raise _err(src, cols["rejected"], "chosen and rejected are identical, so the pair teaches nothing")
-        return PreferenceRecord(prompt, chosen, rejected, src)
-    if kind == "prompt":
-        ref_key = cols["reference"] or ("answer" if "reference" not in obj and "answer" in obj else "reference")
-        return PromptRecord(_string(obj, cols["prompt"], src),
-                            _nonblank(_string(obj, ref_key, src, required=False)), src)
-    return TextRecord(_string(obj, cols["text"], src), src)
-
-
-def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
-    key, role_key, content_key = cols["messages"], cols["role"], cols["content"]
-    if key not in obj:
-        raise _missing(obj, src, key)
-    turns = _list_cell(obj, key, src, tabular)
-    if not isinstance(turns, list) or not turns:
-        got = "an empty list" if isinstance(turns, list) else _type_name(turns)
-        raise _err(src, key, f"expected a non-empty list of messages, got {got}")
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise _err(src, where, f"expected a message object, got {_type_name(turn)}")
-        raw_role = _string(turn, role_key, src, f"{where}.{role_key}")
-        role = cols["roles"].get(raw_role.strip().lower(), raw_role.strip().lower())
-        if role not in ROLES:
-            raise _err(src, f"{where}.{role_key}", f"unknown role '{raw_role}' (allowed: {', '.join(ROLES)}; "
-                       "map others with fields={'roles': {...}})")
-        if role == "system" and i != 0:
-            raise _err(src, f"{where}.{role_key}", "a system message must be the first message")
-        content = _string(turn, content_key, src, f"{where}.{content_key}", required=False)
-        if content is None:
-            raise _missing(turn, src, f"{where}.{content_key}") if content_key not in turn else \
-                _err(src, f"{where}.{content_key}", "expected a string, got null")
-        if not content.strip():
-            raise _err(src, f"{where}.{content_key}", f"empty {role} turn")
-        messages.append(Message(role, content))
-    if not any(m.role == "assistant" for m in messages):
-        raise _err(src, key, "no assistant turn, so there is nothing to train on")
-    return ChatRecord(messages, src)
-
-
-def _pair(obj: dict, src: Source, cols: dict, tabular: bool) -> PairRecord:
-    anchor, positive = _string(obj, cols["anchor"], src), _string(obj, cols["positive"], src)
-    negatives = _list_cell(obj, cols["negatives"], src, tabular)
-    if negatives is None:
-        negatives = []
-    if not isinstance(negatives, list):
-        raise _err(src, cols["negatives"], f"expected a list of strings, got {_type_name(negatives)}")
-    for i, negative in enumerate(negatives):
-        if not isinstance(negative, str) or not negative.strip():
-            got = "an empty string" if isinstance(negative, str) else _type_name(negative)
-            raise _err(src, f"{cols['negatives']}[{i}]", f"expected a non-empty string, got {got}")
-    single = _nonblank(_string(obj, cols["negative"], src, required=False))
-    return PairRecord(anchor, positive, [*negatives, *([single] if single else [])], src)

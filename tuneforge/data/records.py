@@ -1,4 +1,5 @@
-"""Typed records: what a reader yields, before tokenisation.
+"""Typed records: what a reader yields, before tokenisation, and `build_record`, which validates one raw row
+(a dict from any file format) into one.
 
 Each record carries its `source` (file and line or record index) so that any later error, even one found at
 tokenisation or audit time, can still say where the record came from.
@@ -6,7 +7,11 @@ tokenisation or audit time, can still say where the record came from.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any, Union
+
+from tuneforge.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 
@@ -89,7 +94,6 @@ def as_chat(record) -> ChatRecord:
         return record.to_chat()
     if isinstance(record, ChatRecord):
         return record
-    from tuneforge.errors import DataError
     raise DataError(f"a {type(record).__name__} record cannot be used for chat fine-tuning; use instruction or "
                     "chat data", path=getattr(record.source, "path", None), line=getattr(record.source, "line", None))
 
@@ -102,3 +106,165 @@ RECORD_TYPES = {
     "pair": PairRecord,
     "prompt": PromptRecord,
 }
+Record = Union[TextRecord, ChatRecord, InstructionRecord, PreferenceRecord, PairRecord, PromptRecord]
+
+
+# ------------------------------------------------------------------ from a raw row to a typed record, validated
+
+def _err(src: Source, field_name: str | None, message: str) -> DataError:
+    return DataError(message, src.path, src.line, field_name, src.index_kind)
+
+
+def _type_name(value: Any) -> str:
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _string(obj: dict, key: str, src: Source, label: str | None = None, required: bool = True) -> str | None:
+    """The string at obj[key]. Optional: None when absent or null. Required: present, a string, not blank."""
+    label = label or key
+    value = obj.get(key)
+    if value is None:
+        if not required:
+            return None
+        if key in obj:
+            raise _err(src, label, "expected a string, got null")
+        raise _missing(obj, src, label)
+    if not isinstance(value, str):
+        raise _err(src, label, f"expected a string, got {_type_name(value)}")
+    if required and not value.strip():
+        raise _err(src, label, "empty string")
+    return value
+
+
+def _missing(obj: dict, src: Source, label: str) -> DataError:
+    present = ", ".join(map(str, list(obj)[:10])) or "none"  # usually a column-name mismatch: show what is there
+    return _err(src, label, f"missing required field (present: {present})")
+
+
+def _nonblank(value: str | None) -> str | None:
+    return value if value and value.strip() else None
+
+
+def _list_cell(obj: dict, key: str, src: Source, tabular: bool) -> Any:
+    """CSV/TSV cells are strings, so a list (messages, negatives) is written there as JSON text."""
+    value = obj.get(key)
+    if not tabular or not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as error:
+        raise _err(src, key, f"expected a JSON list in this cell: {error}") from error
+
+
+def build_record(kind: str | None, obj: Any, src: Source, cols: dict, tabular: bool) -> Record:
+    """The typed record of one raw row (a dict from any format), or a DataError naming file, line and field.
+
+    `cols` maps each canonical field name of `kind` to the row's column name (and "roles" to role aliases);
+    `tabular` rows (CSV/TSV) hold lists as JSON text.
+    """
+    if not isinstance(obj, dict):
+        raise _err(src, None, f"expected a JSON object, got {_type_name(obj)}")
+    if kind == "chat":
+        return _chat(obj, src, cols, tabular)
+    if kind == "pair":
+        return _pair(obj, src, cols, tabular)
+    if kind == "instruction":
+        return InstructionRecord(
+            instruction=_string(obj, cols["instruction"], src), output=_string(obj, cols["output"], src),
+            input=_string(obj, cols["input"], src, required=False) or "",
+            system=_nonblank(_string(obj, cols["system"], src, required=False)), source=src)
+    if kind == "preference":
+        prompt, chosen, rejected = (_preference_text(obj, cols[n], src) for n in ("prompt", "chosen", "rejected"))
+        if chosen == rejected:
+            raise _err(src, cols["rejected"], "chosen and rejected are identical, so the pair teaches nothing")
+        return PreferenceRecord(prompt, chosen, rejected, src)
+    if kind == "prompt":
+        ref_key = cols["reference"] or ("answer" if "reference" not in obj and "answer" in obj else "reference")
+        return PromptRecord(_string(obj, cols["prompt"], src),
+                            _nonblank(_string(obj, ref_key, src, required=False)), src)
+    return TextRecord(_string(obj, cols["text"], src), src)
+
+
+def _preference_text(obj: dict, key: str, src: Source) -> str:
+    if isinstance(obj.get(key), list):  # TRL's conversational form; say so rather than only "got list"
+        raise _err(src, key, "expected a string, got list (lists of messages are not supported yet for "
+                   "preference data: give the prompt and answers as strings)")
+    return _string(obj, key, src)
+
+
+def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
+    key, role_key, content_key = cols["messages"], cols["role"], cols["content"]
+    if key not in obj:
+        raise _missing(obj, src, key)
+    turns = _list_cell(obj, key, src, tabular)
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if isinstance(turns, list) else _type_name(turns)
+        raise _err(src, key, f"expected a non-empty list of messages, got {got}")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise _err(src, where, f"expected a message object, got {_type_name(turn)}")
+        raw_role = _string(turn, role_key, src, f"{where}.{role_key}")
+        role = cols["roles"].get(raw_role.strip().lower(), raw_role.strip().lower())
+        if role not in ROLES:
+            raise _err(src, f"{where}.{role_key}", f"unknown role '{raw_role}' (allowed: {', '.join(ROLES)}; "
+                       "map others with fields={'roles': {...}})")
+        if role == "system" and i != 0:
+            raise _err(src, f"{where}.{role_key}", "a system message must be the first message")
+        content = _content(turn, content_key, src, f"{where}.{content_key}")
+        if not content.strip():
+            raise _err(src, f"{where}.{content_key}", f"empty {role} turn")
+        messages.append(Message(role, content))
+    if not any(m.role == "assistant" for m in messages):
+        raise _err(src, key, "no assistant turn, so there is nothing to train on")
+    return ChatRecord(messages, src)
+
+
+def _content(turn: dict, key: str, src: Source, label: str) -> str:
+    """A message's text: a string, or OpenAI-style content parts (`[{"type": "text", "text": ...}, ...]`).
+
+    Text parts are concatenated in order with nothing added between them, which loses nothing: a part
+    boundary is not a word or line boundary, and a writer who wanted a newline there wrote one. Any other part
+    (image_url, input_audio, ...) is an error naming that part: dropping it would train on half a message.
+    """
+    value = turn.get(key)
+    if value is None:
+        raise _missing(turn, src, label) if key not in turn else _err(src, label, "expected a string, got null")
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _err(src, label, f"expected a string or a list of content parts, got {_type_name(value)}")
+    texts = []
+    for j, part in enumerate(value):
+        where = f"{label}[{j}]"
+        if not isinstance(part, dict):
+            raise _err(src, where, f"expected a content part object, got {_type_name(part)}")
+        part_type = _string(part, "type", src, f"{where}.type")
+        if part_type != "text":
+            raise _err(src, f"{where}.type", f"unsupported '{part_type}' content part: only text parts are read")
+        text = part.get("text")
+        if not isinstance(text, str):  # a blank part is fine: only the joined message must not be blank
+            raise _missing(part, src, f"{where}.text") if "text" not in part else \
+                _err(src, f"{where}.text", f"expected a string, got {_type_name(text)}")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _pair(obj: dict, src: Source, cols: dict, tabular: bool) -> PairRecord:
+    anchor, positive = _string(obj, cols["anchor"], src), _string(obj, cols["positive"], src)
+    negatives = _list_cell(obj, cols["negatives"], src, tabular)
+    if negatives is None:
+        negatives = []
+    if not isinstance(negatives, list):
+        raise _err(src, cols["negatives"], f"expected a list of strings, got {_type_name(negatives)}")
+    for i, negative in enumerate(negatives):
+        if not isinstance(negative, str) or not negative.strip():
+            got = "an empty string" if isinstance(negative, str) else _type_name(negative)
+            raise _err(src, f"{cols['negatives']}[{i}]", f"expected a non-empty string, got {got}")
+    single = _nonblank(_string(obj, cols["negative"], src, required=False))
+    return PairRecord(anchor, positive, [*negatives, *([single] if single else [])], src)

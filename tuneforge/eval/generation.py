@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from tuneforge.data.chat import generation_prompt, with_system_prompt
+
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
@@ -16,10 +18,11 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system_prompt}] + list(messages)
-    return list(messages)
+def encode_prompts(tokenizer, conversations: list[list[dict]], system_prompt: str | None = None) -> list[list[int]]:
+    """The ids each conversation's next assistant turn is generated after: rendered by the functions training
+    renders with (system prompt, generation prompt), so inference sees what the model was trained on."""
+    return [tokenizer(generation_prompt(tokenizer, with_system_prompt(c, system_prompt)),
+                      add_special_tokens=False)["input_ids"] for c in conversations]
 
 
 @torch.no_grad()
@@ -34,10 +37,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
-        texts = [tokenizer.apply_chat_template(with_system(c, system_prompt), tokenize=False,
-                                               add_generation_prompt=True)
-                 for c in conversations[start:start + batch_size]]
-        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows = encode_prompts(tokenizer, conversations[start:start + batch_size], system_prompt)
         longest = max(map(len, rows))
         ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
