@@ -17,15 +17,18 @@ def _config(args):
 
 def cmd_train(args) -> int:
     from tuneforge.run import train
+    from tuneforge.train.distributed import is_main
     cfg = _config(args)
     results = train(cfg, resume=args.resume)
-    _print_comparison(results)
+    if is_main():
+        _print_comparison(results)
     return 0
 
 
 def _print_comparison(results: dict) -> None:
     t = results.get("train", {})
-    print(f"trained {t.get('steps')} steps in {t.get('train_seconds')} s, "
+    resumed = f" (resumed at step {t['resumed_from']}, {t['steps']} in all)" if t.get("resumed_from") else ""
+    print(f"trained {t.get('steps_this_run', t.get('steps'))} steps{resumed} in {t.get('train_seconds')} s, "
           f"{t.get('tokens_per_second')} tokens/s, final loss {t.get('final_loss')}")
     if "base" in results and "tuned" in results:
         b, u = results["base"], results["tuned"]
@@ -83,7 +86,7 @@ def cmd_generate(args) -> int:
     model, tokenizer, system = _load_for_inference(args)
     prompts = list(args.prompt or [])
     if args.file:
-        prompts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+        prompts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8-sig") if line.strip()]
     if not prompts:
         raise TuneforgeError("give --prompt TEXT (repeatable) or --file FILE with one prompt per line")
     convs = [[{"role": "user", "content": p}] for p in prompts]
@@ -197,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tuneforge: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from tuneforge.train.distributed import shutdown
+        shutdown()  # under torchrun: leave the process group cleanly
 
 
 if __name__ == "__main__":
