@@ -34,10 +34,17 @@ class _Packer:
         self.buffer: list[int] = []
 
     def add(self, record: TextRecord) -> None:
-        self.buffer += self.tok(record.text, add_special_tokens=False)["input_ids"] + [self.sep]
-        while len(self.buffer) >= self.block:
-            self._emit(self.buffer[:self.block])
-            self.buffer = self.buffer[self.block:]
+        # verbose=False: a document longer than the model's maximum is expected here (it is cut into blocks), so
+        # transformers' "sequence length is longer than the specified maximum" warning would be a false alarm
+        self.buffer.extend(self.tok(record.text, add_special_tokens=False, verbose=False)["input_ids"])
+        self.buffer.append(self.sep)
+        # Blocks are cut at a moving start and the consumed head is deleted once: each token is copied a
+        # bounded number of times (re-slicing the remainder per block was quadratic in the document length).
+        start = 0
+        while len(self.buffer) - start >= self.block:
+            self._emit(self.buffer[start:start + self.block])
+            start += self.block
+        del self.buffer[:start]
 
     def _emit(self, ids: list[int]) -> None:
         ex = TokenizedExample(ids, [0] + [1] * (len(ids) - 1))

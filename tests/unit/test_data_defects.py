@@ -1,0 +1,89 @@
+"""Defects of the data layer, each pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from helpers.runs import make_config, write_instruction_data, write_text_data
+from tuneforge.data import dataset as dataset_mod
+from tuneforge.data.chat import RenderStats
+from tuneforge.data.dataset import prepare_data
+from tuneforge.models.tiny import make_tiny_tokenizer
+
+
+class _CountingList(list):
+    """A list that counts the elements its slicing and prefix deletions copy or move."""
+
+    copied = 0
+
+    def __getitem__(self, index):
+        out = super().__getitem__(index)
+        if isinstance(index, slice):
+            _CountingList.copied += len(out)
+            return _CountingList(out)
+        return out
+
+    def __delitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            _CountingList.copied += len(self) - stop  # the elements after the cut move down
+        super().__delitem__(index)
+
+
+class _FakeTokenizer:
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": list(range(self.n))}
+
+
+class _ListWriter:
+    def __init__(self):
+        self.examples = []
+
+    def add(self, ex):
+        self.examples.append(ex)
+
+
+def test_clm_block_builder_copies_each_token_a_bounded_number_of_times():
+    """One long document cut into blocks: slicing the buffer head again and again was quadratic
+    (67 s of list copies for a 4M-token document)."""
+    n_tokens, block = 4003, 8  # 500 full blocks and a tail of 4 (3 tokens + separator)
+    writer = _ListWriter()
+    packer = dataset_mod._Packer(_FakeTokenizer(n_tokens), block, 9999, writer, RenderStats())
+    packer.buffer = _CountingList()
+    _CountingList.copied = 0
+    packer.add(dataset_mod.TextRecord("a long document"))
+    packer.close()
+    assert sum(len(ex.input_ids) for ex in writer.examples) == n_tokens + 1
+    assert all(len(ex.input_ids) == block for ex in writer.examples[:-1])
+    assert _CountingList.copied <= 3 * (n_tokens + 1), _CountingList.copied  # linear, not ~n^2 / (2 block)
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_long_documents_tokenise_without_the_sequence_length_warning(tmp_path, tiny_model_dir):
+    """Blocks are cut to data.max_length, so transformers' "longer than the specified maximum" warning is
+    noise. transformers' logger does not propagate to the root (caplog misses it): listen on it directly."""
+    tok = make_tiny_tokenizer()
+    tok.model_max_length = 16  # every 60-word document is longer
+    cfg = make_config(tiny_model_dir, write_text_data(tmp_path / "docs", docs=3), tmp_path / "run", method="clm")
+    collect = _Collect()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(collect)
+    try:
+        data = prepare_data(cfg, tok)
+    finally:
+        hf_logger.removeHandler(collect)
+    assert len(data.train) > 3
+    assert not [m for m in collect.messages if "longer than the specified maximum" in m], collect.messages
