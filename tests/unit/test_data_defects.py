@@ -87,3 +87,43 @@ def test_long_documents_tokenise_without_the_sequence_length_warning(tmp_path, t
         hf_logger.removeHandler(collect)
     assert len(data.train) > 3
     assert not [m for m in collect.messages if "longer than the specified maximum" in m], collect.messages
+
+
+def test_a_kill_between_the_splits_leaves_no_half_cache_entry(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                              monkeypatch):
+    """The train and eval caches were renamed into place one after the other: a kill between the two left
+    a train cache without its eval cache, and every later run failed with a raw FileNotFoundError."""
+    cfg = make_config(tiny_model_dir, write_instruction_data(tmp_path / "d.jsonl", n=12), tmp_path / "run")
+    cfg.data.eval_fraction = 0.25
+    finish = dataset_mod.CacheWriter.finish
+    calls = []
+
+    def killed_at_the_second_split(self, meta):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the splits")
+        return finish(self, meta)
+
+    monkeypatch.setattr(dataset_mod.CacheWriter, "finish", killed_at_the_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, tiny_tokenizer)
+    monkeypatch.setattr(dataset_mod.CacheWriter, "finish", finish)
+    data = prepare_data(cfg, tiny_tokenizer)  # rebuilt cleanly
+    assert len(data.train) + len(data.eval) == 12
+    again = prepare_data(cfg, tiny_tokenizer)  # and then reused
+    assert again.train.folder == data.train.folder and len(again.eval) == len(data.eval)
+
+
+def test_a_half_written_cache_entry_on_disk_is_rebuilt(tmp_path, tiny_model_dir, tiny_tokenizer):
+    cfg = make_config(tiny_model_dir, write_instruction_data(tmp_path / "d.jsonl", n=12), tmp_path / "run")
+    first = prepare_data(cfg, tiny_tokenizer)
+    entry = first.train.folder.parent
+    for leftover in ("eval", "meta.json"):  # what a kill between the two renames left behind
+        path = entry / leftover
+        if path.is_dir():
+            import shutil
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    data = prepare_data(cfg, tiny_tokenizer)
+    assert len(data.train) == 12 and (entry / "eval").is_dir()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,15 +47,14 @@ def cache_key(**parts) -> str:
 
 
 class CacheWriter:
-    """Append examples to a temp folder; `finish` renames it into place (a crash leaves no half cache)."""
+    """Append examples to the files of one split's folder. The folder lives inside the temporary folder of a
+    whole cache entry (`tuneforge.fsutil.atomic_dir`): the entry appears complete or not at all."""
 
-    def __init__(self, final_dir: Path):
-        self.final = Path(final_dir)
-        self.tmp = self.final.with_name(f".tmp-{self.final.name}-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self._ids = open(self.tmp / "ids.bin", "wb")
-        self._mask = open(self.tmp / "mask.bin", "wb")
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True)
+        self._ids = open(self.folder / "ids.bin", "wb")
+        self._mask = open(self.folder / "mask.bin", "wb")
         self._offsets = [0]
         self._eots: list[list[int]] = []
 
@@ -67,15 +64,12 @@ class CacheWriter:
         self._offsets.append(self._offsets[-1] + len(ex.input_ids))
         self._eots.append(ex.eot_positions)
 
-    def finish(self, meta: dict) -> "CachedExamples":
+    def finish(self, meta: dict) -> None:
         self._ids.close()
         self._mask.close()
-        np.asarray(self._offsets, dtype=np.int64).tofile(self.tmp / "offsets.bin")
-        (self.tmp / "eots.json").write_text(json.dumps(self._eots))
-        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(self.final, ignore_errors=True)
-        os.replace(self.tmp, self.final)
-        return CachedExamples(self.final)
+        np.asarray(self._offsets, dtype=np.int64).tofile(self.folder / "offsets.bin")
+        (self.folder / "eots.json").write_text(json.dumps(self._eots))
+        (self.folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 class CachedExamples(Sequence):
@@ -96,6 +90,7 @@ class CachedExamples(Sequence):
     def exists(folder: Path) -> bool:
         return (Path(folder) / "meta.json").exists()
 
+
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
@@ -109,3 +104,8 @@ class CachedExamples(Sequence):
             i += len(self)
         a, b = int(self._offsets[i]), int(self._offsets[i + 1])
         return TokenizedExample(self._ids[a:b].tolist(), self._mask[a:b].tolist(), None, self._eots[i])
+
+
+def entry_complete(entry: Path) -> bool:
+    """A cache entry (train + eval + its own meta.json, written last) is usable only when whole."""
+    return (Path(entry) / "meta.json").exists()

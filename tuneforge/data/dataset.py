@@ -7,15 +7,19 @@ Only held-out chat records are kept in memory (for generation-based evaluation).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.data import readers
 from tuneforge.data.audit import audit_example, audit_totals, summary
-from tuneforge.data.cache import CachedExamples, CacheWriter, cache_key, file_fingerprints, tokenizer_fingerprint
+from tuneforge.data.cache import (
+    CachedExamples, CacheWriter, cache_key, entry_complete, file_fingerprints, tokenizer_fingerprint,
+)
 from tuneforge.data.chat import RenderStats, TokenizedExample, document_separator, tokenize_chat
 from tuneforge.data.records import TextRecord, as_chat
 from tuneforge.data.split import in_eval_split, record_key
+from tuneforge.fsutil import atomic_dir
 
 
 @dataclass
@@ -104,11 +108,11 @@ def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: 
                     tokenizer=tokenizer_fingerprint(tokenizer),
                     files=file_fingerprints(d.train) + file_fingerprints(d.eval))
     folder = root / key
-    eval_records = []
+    eval_records: list = []
     skipped: list = []
     if d.eval:
         eval_records = list(_read(cfg, d.eval, skipped))
-    if not rebuild and CachedExamples.exists(folder / "train"):
+    if not rebuild and entry_complete(folder):
         train = CachedExamples(folder / "train")
         ev = CachedExamples(folder / "eval")
         ev = ev if len(ev) else None
@@ -116,9 +120,24 @@ def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: 
             eval_records = _held_out_records(cfg)
         return PreparedData(train, ev, eval_records, train.meta["stats"])
 
+    # The whole entry (train, eval, meta) is written in one temporary folder, fsynced and renamed into place:
+    # a kill at any point leaves the previous entry or none, never a train split without its eval split.
+    with atomic_dir(folder) as tmp:
+        meta_stats = _build(cfg, tokenizer, tmp, eval_records, skipped)
+        (tmp / "meta.json").write_text(json.dumps({"stats": meta_stats}, indent=1))
+    train = CachedExamples(folder / "train")
+    ev = CachedExamples(folder / "eval")
+    return PreparedData(train, ev if len(ev) else None, eval_records, meta_stats)
+
+
+def _build(cfg, tokenizer, entry: Path, eval_records: list, skipped: list) -> dict:
+    """Stream the records through the split and the builder into `entry`/train and `entry`/eval.
+
+    Appends the held-out records of a fraction split to `eval_records`; returns the statistics."""
+    d = cfg.data
     eval_keys = {record_key(r) for r in eval_records}
     stats = {"train": RenderStats(), "eval": RenderStats()}
-    writers = {"train": CacheWriter(folder / "train"), "eval": CacheWriter(folder / "eval")}
+    writers = {"train": CacheWriter(entry / "train"), "eval": CacheWriter(entry / "eval")}
     sinks = {s: _sink(cfg, tokenizer, writers[s], stats[s]) for s in writers}
     duplicates = 0
     for record in eval_records:
@@ -145,10 +164,9 @@ def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: 
     meta_stats = {"train": summary(stats["train"]), "eval": summary(stats["eval"]),
                   "skipped_records": len(skipped), "skipped_examples": [str(e) for e in skipped[:5]],
                   "duplicates_removed": duplicates}
-    train = writers["train"].finish({"stats": meta_stats})
-    ev = writers["eval"].finish({"stats": meta_stats})
-    ev = ev if len(ev) else None
-    return PreparedData(train, ev, eval_records, meta_stats)
+    for w in writers.values():
+        w.finish({"stats": meta_stats})
+    return meta_stats
 
 
 def _held_out_records(cfg) -> list:
