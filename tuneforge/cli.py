@@ -44,7 +44,8 @@ def cmd_data_inspect(args) -> int:
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:
         tokenizer.chat_template = cfg.data.chat_template
-    data = prepare_data(cfg, tokenizer, rebuild=True)
+    from tuneforge.run import data_builder
+    data = prepare_data(cfg, tokenizer, data_builder(cfg.method), rebuild=True)
     color = sys.stdout.isatty() and not args.no_color
     for i in range(min(args.n, len(data.train))):
         ex = data.train[i]

@@ -23,6 +23,11 @@ from tuneforge.objectives import make_objective
 from tuneforge.train.loop import LoopSettings, fit
 
 
+def data_builder(method: str) -> str:
+    """The data builder (data/builders.py) a method's data goes through; the method registry replaces this."""
+    return "text_blocks" if method == "clm" else "chat"
+
+
 def setup_runtime(cfg: RunConfig) -> torch.device:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -125,7 +130,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model, tokenizer = load_model_and_tokenizer(cfg, device)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, data_builder(cfg.method))
     print("data: " + json.dumps(data.stats), flush=True)
     gen_records = _generation_records(cfg, data)
     results: dict = {"data": data.stats}
@@ -178,7 +183,7 @@ def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
     if adapter:
         from tuneforge.adapters.lora import load_adapter
         model = load_adapter(model, adapter)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, data_builder(cfg.method))
     out: dict = {}
     held_out = data.eval if data.eval is not None else data.train
     if cfg.eval.loss:

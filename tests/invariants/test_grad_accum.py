@@ -24,7 +24,7 @@ def _grads_after_step(model, objective, examples, pad_id, micro):
 def test_grad_accum_1x8_equals_8x1(tiny_model_dir, tmp_path):
     cfg = make_config(tiny_model_dir, write_chat_data(tmp_path / "c.jsonl"), tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
-    examples = prepare_data(cfg, tok).train[:8]
+    examples = prepare_data(cfg, tok, "chat").train[:8]
     assert len({len(e) for e in examples}) > 1 or True  # lengths may differ: padding must not matter either
     objective = make_objective("sft")
     loss_a, grads_a = _grads_after_step(model, objective, examples, tok.pad_token_id, micro=8)
@@ -43,7 +43,7 @@ def test_fit_same_weights_with_and_without_accumulation(tiny_model_dir, tmp_path
         cfg = make_config(tiny_model_dir, data, tmp_path / f"run{micro}", max_steps=3, micro_batch_size=micro,
                           grad_accum=accum)
         model, tok = load_causal_lm(str(tiny_model_dir))
-        prepared = prepare_data(cfg, tok)
+        prepared = prepare_data(cfg, tok, "chat")
         res = fit(model, make_objective("sft"), prepared.train, lambda b: collate(b, tok.pad_token_id),
                   loop_settings(cfg))
         results.append((model.state_dict(), [h["loss"] for h in res.history]))

@@ -31,7 +31,7 @@ def _loss_and_grads(model, batches):
 def test_packed_equals_unpacked(tiny_model_dir, tmp_path):
     cfg = make_config(tiny_model_dir, write_chat_data(tmp_path / "c.jsonl", n=12), tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
-    examples = prepare_data(cfg, tok).train
+    examples = prepare_data(cfg, tok, "chat").train
     packed = PackedExamples(examples, capacity=160)
     assert len(packed) < len(examples)  # several examples share a row
     rows = [packed[i] for i in range(len(packed))]
@@ -49,7 +49,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tmp_path):
     from tuneforge.objectives.functional import hidden_states
     cfg = make_config(tiny_model_dir, write_instruction_data(tmp_path / "d.jsonl", n=4), tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
-    ex = prepare_data(cfg, tok).train
+    ex = prepare_data(cfg, tok, "chat").train
     a = collate_packed([[ex[0], ex[1]]], tok.pad_token_id)
     first = len(ex[0])
     h_a = hidden_states(model, a["input_ids"], None, a["position_ids"])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from types import SimpleNamespace
 
 import pytest
 
 from helpers.runs import make_config, write_instruction_data, write_text_data
-from tuneforge.data import dataset as dataset_mod
-from tuneforge.data.chat import RenderStats
+from tuneforge.data import builders as builders_mod, dataset as dataset_mod
+from tuneforge.data.builders import BuildStats
+from tuneforge.data.records import TextRecord
 from tuneforge.data.dataset import prepare_data
 from tuneforge.models.tiny import make_tiny_tokenizer
 
@@ -33,11 +36,16 @@ class _CountingList(list):
 
 
 class _FakeTokenizer:
+    eos_token = None
+
     def __init__(self, n):
         self.n = n
 
     def __call__(self, text, **kwargs):
         return {"input_ids": list(range(self.n))}
+
+    def get_vocab(self):
+        return {"<|endoftext|>": 9999}
 
 
 class _ListWriter:
@@ -53,10 +61,11 @@ def test_clm_block_builder_copies_each_token_a_bounded_number_of_times():
     (67 s of list copies for a 4M-token document)."""
     n_tokens, block = 4003, 8  # 500 full blocks and a tail of 4 (3 tokens + separator)
     writer = _ListWriter()
-    packer = dataset_mod._Packer(_FakeTokenizer(n_tokens), block, 9999, writer, RenderStats())
+    data = SimpleNamespace(max_length=block, doc_separator=None)
+    packer = builders_mod.TextBlocks(_FakeTokenizer(n_tokens), data, writer, BuildStats())
     packer.buffer = _CountingList()
     _CountingList.copied = 0
-    packer.add(dataset_mod.TextRecord("a long document"))
+    packer.add(TextRecord("a long document"))
     packer.close()
     assert sum(len(ex.input_ids) for ex in writer.examples) == n_tokens + 1
     assert all(len(ex.input_ids) == block for ex in writer.examples[:-1])
@@ -82,7 +91,7 @@ def test_long_documents_tokenise_without_the_sequence_length_warning(tmp_path, t
     hf_logger = logging.getLogger("transformers")
     hf_logger.addHandler(collect)
     try:
-        data = prepare_data(cfg, tok)
+        data = prepare_data(cfg, tok, "text_blocks")
     finally:
         hf_logger.removeHandler(collect)
     assert len(data.train) > 3
@@ -106,24 +115,23 @@ def test_a_kill_between_the_splits_leaves_no_half_cache_entry(tmp_path, tiny_mod
 
     monkeypatch.setattr(dataset_mod.CacheWriter, "finish", killed_at_the_second_split)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg, tiny_tokenizer)
+        prepare_data(cfg, tiny_tokenizer, "chat")
     monkeypatch.setattr(dataset_mod.CacheWriter, "finish", finish)
-    data = prepare_data(cfg, tiny_tokenizer)  # rebuilt cleanly
+    data = prepare_data(cfg, tiny_tokenizer, "chat")  # rebuilt cleanly
     assert len(data.train) + len(data.eval) == 12
-    again = prepare_data(cfg, tiny_tokenizer)  # and then reused
+    again = prepare_data(cfg, tiny_tokenizer, "chat")  # and then reused
     assert again.train.folder == data.train.folder and len(again.eval) == len(data.eval)
 
 
 def test_a_half_written_cache_entry_on_disk_is_rebuilt(tmp_path, tiny_model_dir, tiny_tokenizer):
     cfg = make_config(tiny_model_dir, write_instruction_data(tmp_path / "d.jsonl", n=12), tmp_path / "run")
-    first = prepare_data(cfg, tiny_tokenizer)
+    first = prepare_data(cfg, tiny_tokenizer, "chat")
     entry = first.train.folder.parent
     for leftover in ("eval", "meta.json"):  # what a kill between the two renames left behind
         path = entry / leftover
         if path.is_dir():
-            import shutil
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    data = prepare_data(cfg, tiny_tokenizer)
+    data = prepare_data(cfg, tiny_tokenizer, "chat")
     assert len(data.train) == 12 and (entry / "eval").is_dir()
