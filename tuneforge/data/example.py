@@ -40,5 +40,6 @@ class Example:
         """The first sequence of one role: `example["chosen"]`."""
         found = self.all(role)
         if not found:
-            raise KeyError(f"no {role!r} sequence in this example (roles: {[self.role(k) for k in range(len(self.roles))]})")
+            names = [self.role(k) for k in range(len(self.roles))]
+            raise KeyError(f"no {role!r} sequence in this example (roles: {names})")
         return found[0]
