@@ -41,13 +41,13 @@ def _print_comparison(results: dict) -> None:
 
 def cmd_data_inspect(args) -> int:
     from tuneforge.data.audit import format_example
-    from tuneforge.data.dataset import prepare_data
     from tuneforge.models.load import load_tokenizer
     cfg = _config(args)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:
         tokenizer.chat_template = cfg.data.chat_template
-    data = prepare_data(cfg, tokenizer, rebuild=True)
+    from tuneforge.run import prepare
+    data = prepare(cfg, tokenizer, rebuild=True)
     color = sys.stdout.isatty() and not args.no_color
     for i in range(min(args.n, len(data.train))):
         ex = data.train[i]

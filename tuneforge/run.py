@@ -134,9 +134,10 @@ def save_final(cfg: RunConfig, module: TrainModule, tokenizer) -> Path:
     return out
 
 
-def _prepare(cfg: RunConfig, tokenizer):
-    with dist.main_first():  # rank 0 builds the token cache, the others then read it
-        return prepare_data(cfg, tokenizer)
+def prepare(cfg: RunConfig, tokenizer, **kwargs):
+    """The run's data through its method's builder; rank 0 builds the token cache, the others then read it."""
+    with dist.main_first():
+        return prepare_data(cfg, tokenizer, method_of(cfg).builder, **kwargs)
 
 
 def _build_module(cfg: RunConfig, model) -> TrainModule:
@@ -158,7 +159,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model, tokenizer = load_model_and_tokenizer(cfg, device)
-    data = _prepare(cfg, tokenizer)
+    data = prepare(cfg, tokenizer)
     say("data: " + json.dumps(data.stats))
     gen_records = method_of(cfg).generation_records(cfg, data)
     results: dict = {"data": data.stats}
@@ -227,7 +228,7 @@ def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
     if adapter:
         from tuneforge.adapters.lora import load_adapter
         model = load_adapter(model, adapter)
-    data = _prepare(cfg, tokenizer)
+    data = prepare(cfg, tokenizer)
     out: dict = {}
     module = TrainModule(model)
     if cfg.eval.loss:

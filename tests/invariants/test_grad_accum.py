@@ -8,7 +8,7 @@ import torch
 
 from helpers.runs import method_config, update_sums
 from tuneforge.data.collate import collate
-from tuneforge.data.dataset import prepare_data
+from tuneforge.run import prepare
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.run import make_objective
@@ -21,7 +21,7 @@ METHOD_NAMES = sorted(METHODS)
 def test_grad_accum_1x8_equals_8x1(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
-    examples = prepare_data(cfg, tok).train[:8]
+    examples = prepare(cfg, tok).train[:8]
     objective = make_objective(cfg)
     batches = lambda micro: [collate(examples[i:i + micro], tok.pad_token_id)  # noqa: E731
                              for i in range(0, len(examples), micro)]
@@ -38,7 +38,7 @@ def test_chat_examples_have_different_lengths(tiny_model_dir, tmp_path):
     """The sft case above is only a check of padding if the 8 examples differ in length."""
     cfg = method_config("sft", tiny_model_dir, tmp_path, tmp_path / "run")
     _, tok = load_causal_lm(str(tiny_model_dir))
-    assert len({len(e) for e in prepare_data(cfg, tok).train[:8]}) > 1
+    assert len({len(e) for e in prepare(cfg, tok).train[:8]}) > 1
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -49,7 +49,7 @@ def test_fit_same_weights_with_and_without_accumulation(method, tiny_model_dir, 
         cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / f"run{micro}", max_steps=3,
                             micro_batch_size=micro, grad_accum=accum)
         model, tok = load_causal_lm(str(tiny_model_dir))
-        prepared = prepare_data(cfg, tok)
+        prepared = prepare(cfg, tok)
         res = fit(model, make_objective(cfg), prepared.train, lambda b: collate(b, tok.pad_token_id), cfg.train)
         results.append((model.state_dict(), [h["loss"] for h in res.history]))
     (wa, la), (wb, lb) = results

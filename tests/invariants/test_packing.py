@@ -9,7 +9,7 @@ import torch
 
 from helpers.runs import make_config, method_config, read_metrics, update_sums, write_chat_data, write_instruction_data
 from tuneforge.data.collate import collate
-from tuneforge.data.dataset import prepare_data
+from tuneforge.run import prepare
 from tuneforge.data.packing import PackedExamples, collate_packed, pack_bins
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
@@ -34,7 +34,7 @@ def _loss_and_grads(model, batches):
 def test_packed_equals_unpacked(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
-    examples = prepare_data(cfg, tok).train[:12]
+    examples = prepare(cfg, tok).train[:12]
     packed = PackedExamples(examples, capacity=160)  # several examples share a row
     rows = [packed[i] for i in range(len(packed))]
     assert len(packed) < len(examples)
@@ -51,7 +51,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tmp_path):
     """Changing one example of a row leaves the other examples' logits unchanged."""
     cfg = make_config(tiny_model_dir, write_instruction_data(tmp_path / "d.jsonl", n=4), tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir))
-    ex = prepare_data(cfg, tok).train
+    ex = prepare(cfg, tok).train
     a = collate_packed([[ex[0], ex[1]]], tok.pad_token_id)
     first = len(ex[0])
     h_a = hidden_states(model, a)

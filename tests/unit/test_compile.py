@@ -48,7 +48,7 @@ def test_compiled_packed_lora_matches_eager_and_compiles_once(tiny_model_dir, tm
     compiled, _ = _lora_model(tiny_model_dir)
     torch._dynamo.reset()
     unwrap(compiled).get_decoder().compile()
-    packed = PackedExamples(prepare_data(cfg, tok).train, capacity=160)
+    packed = PackedExamples(prepare_data(cfg, tok, "chat").train, capacity=160)
     rows = [packed[i] for i in range(len(packed))]
     batches = [collate_packed(rows[i:i + 2], tok.pad_token_id, width=160) for i in range(0, 6, 2)]
     assert all(b["input_ids"].shape == (2, 160) for b in batches)
@@ -73,7 +73,7 @@ def test_compiled_packed_lora_matches_eager_and_compiles_once(tiny_model_dir, tm
 def test_collate_packed_width_pads_without_changing_the_loss(tiny_model_dir, tmp_path):
     cfg = make_config(tiny_model_dir, write_chat_data(tmp_path / "c.jsonl", n=8), tmp_path / "run")
     model, tok = load_causal_lm(str(tiny_model_dir), attn_implementation=NAME)
-    packed = PackedExamples(prepare_data(cfg, tok).train, capacity=160)
+    packed = PackedExamples(prepare_data(cfg, tok, "chat").train, capacity=160)
     rows = [packed[0], packed[1]]
     tight = collate_packed(rows, tok.pad_token_id)
     wide = collate_packed(rows, tok.pad_token_id, width=200)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from helpers.runs import make_config, write_instruction_data, write_text_data
-from tuneforge.data import dataset as dataset_mod
+from tuneforge.data import builders as builders_mod
 from tuneforge.data.dataset import prepare_data
 
 
 def test_clm_blocks_join_documents_with_the_document_separator(tmp_path, tiny_model_dir, tiny_tokenizer):
     cfg = make_config(tiny_model_dir, write_text_data(tmp_path / "docs", docs=6), tmp_path / "run", method="clm")
-    data = prepare_data(cfg, tiny_tokenizer)
+    data = prepare_data(cfg, tiny_tokenizer, "text_blocks")
     sep = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     eot = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = [t for i in range(len(data.train)) for t in data.train[i].input_ids]
@@ -21,15 +21,15 @@ def test_clm_blocks_join_documents_with_the_document_separator(tmp_path, tiny_mo
 def test_cache_is_reused_and_its_key_covers_what_changes_tokens(tmp_path, tiny_model_dir, tiny_tokenizer,
                                                                 monkeypatch):
     cfg = make_config(tiny_model_dir, write_instruction_data(tmp_path / "d.jsonl"), tmp_path / "run")
-    first = prepare_data(cfg, tiny_tokenizer)
+    first = prepare_data(cfg, tiny_tokenizer, "chat")
     calls = []
-    real = dataset_mod.tokenize_chat
-    monkeypatch.setattr(dataset_mod, "tokenize_chat", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = prepare_data(cfg, tiny_tokenizer)
+    real = builders_mod.tokenize_chat
+    monkeypatch.setattr(builders_mod, "tokenize_chat", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = prepare_data(cfg, tiny_tokenizer, "chat")
     assert not calls and again.train.folder == first.train.folder
     assert [again.train[i].input_ids for i in range(3)] == [first.train[i].input_ids for i in range(3)]
     cfg.data.mask = "all"
-    changed = prepare_data(cfg, tiny_tokenizer)
+    changed = prepare_data(cfg, tiny_tokenizer, "chat")
     assert calls and changed.train.folder != first.train.folder
     assert sum(changed.train[0].loss_mask) > sum(first.train[0].loss_mask)
 
@@ -40,8 +40,8 @@ def test_over_long_examples_are_dropped_and_counted(tmp_path, tiny_model_dir, ti
                     + '{"instruction": "' + "long " * 200 + '", "output": "ok"}\n')
     cfg = make_config(tiny_model_dir, path, tmp_path / "run")
     cfg.data.max_length = 64
-    data = prepare_data(cfg, tiny_tokenizer)
+    data = prepare_data(cfg, tiny_tokenizer, "chat")
     assert len(data.train) == 1 and data.stats["train"]["dropped_too_long"] == 1
     cfg.data.truncation = "left"
-    data = prepare_data(cfg, tiny_tokenizer)
+    data = prepare_data(cfg, tiny_tokenizer, "chat")
     assert len(data.train) == 2 and data.stats["train"]["truncated_left"] == 1

@@ -37,7 +37,7 @@ def test_eval_file_duplicates_removed_from_train(tmp_path, tiny_model_dir, tiny_
     ev = _write(tmp_path / "eval.jsonl", rows[:3] + [{"instruction": "new", "output": "x"}])
     cfg = make_config(tiny_model_dir, train, tmp_path / "run")
     cfg.data.eval = str(ev)
-    data = prepare_data(cfg, tiny_tokenizer)
+    data = prepare_data(cfg, tiny_tokenizer, "chat")
     assert data.stats["duplicates_removed"] == 3
     assert len(data.train) == 7 and len(data.eval) == 4 and len(data.eval_records) == 4
 
@@ -46,7 +46,7 @@ def test_fraction_split_keeps_duplicates_on_one_side(tmp_path, tiny_model_dir, t
     rows = [{"instruction": f"Q{i % 40}", "output": f"A{i % 40}"} for i in range(80)]  # each record twice
     cfg = make_config(tiny_model_dir, _write(tmp_path / "train.jsonl", rows), tmp_path / "run")
     cfg.data.eval_fraction = 0.25
-    data = prepare_data(cfg, tiny_tokenizer)
+    data = prepare_data(cfg, tiny_tokenizer, "chat")
     held_out = {record_key(r) for r in data.eval_records}
     assert 0 < len(held_out) < 40
     assert len(data.eval) == len(held_out)  # the second copy of a held-out record is not held out twice

@@ -5,14 +5,18 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.chat import TokenizedExample
+from tuneforge.data.example import Example
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Returns input_ids, attention_mask and loss_mask, all (B, T).
 
     Padding positions get attention 0 and loss 0 because of where they are, so a pad id equal to the
-    end-of-turn id (SmolLM2) never hides a real end-of-turn token from the loss.
+    end-of-turn id (SmolLM2) never hides a real end-of-turn token from the loss. Multi-sequence examples
+    (Example) go to `collate_sequences`: one sequence per row.
     """
+    if isinstance(examples[0], Example):
+        return collate_sequences(examples, pad_id)
     longest = max(len(ex.input_ids) for ex in examples)
     batch = len(examples)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
@@ -24,3 +28,40 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         attention[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(ex.loss_mask, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def flat_sequences(examples: list[Example]) -> list[tuple[TokenizedExample, int, int]]:
+    """(sequence, example index in the batch, role id) for every sequence, example by example."""
+    return [(seq, e, role) for e, ex in enumerate(examples) for seq, role in zip(ex.sequences, ex.roles)]
+
+
+def collate_sequences(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Multi-sequence examples, one sequence per row, right-padded: S rows for S sequences.
+
+    Returns input_ids, attention_mask, loss_mask, sequence_ids, all (S, T); sequence_example, sequence_role and
+    last_index, all (S,); num_real. `sequence_ids` is the row's sequence index (-1 on padding);
+    `sequence_example` the index of its example in `examples`; `sequence_role` its role id (the builder's role
+    order); `last_index` the flat index row * T + col of its last real token (reward heads, last-token pooling:
+    found by position, never by token id)."""
+    seqs = flat_sequences(examples)
+    longest = max(len(seq.input_ids) for seq, _, _ in seqs)
+    rows = len(seqs)
+    input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, longest), dtype=torch.long)
+    loss_mask = torch.zeros((rows, longest), dtype=torch.long)
+    sequence_ids = torch.full((rows, longest), -1, dtype=torch.long)
+    lengths = []
+    for row, (seq, _, _) in enumerate(seqs):
+        n = len(seq.input_ids)
+        input_ids[row, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
+        attention[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(seq.loss_mask, dtype=torch.long)
+        sequence_ids[row, :n] = row
+        lengths.append(n)
+    n = torch.tensor(lengths, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
+            "sequence_ids": sequence_ids,
+            "sequence_example": torch.tensor([e for _, e, _ in seqs], dtype=torch.long),
+            "sequence_role": torch.tensor([r for _, _, r in seqs], dtype=torch.long),
+            "last_index": torch.arange(rows) * longest + n - 1,
+            "num_real": n.sum()}

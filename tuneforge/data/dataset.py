@@ -1,21 +1,25 @@
 """From a run config to tokenised train and held-out examples, through the on-disk token cache.
 
-Records are streamed from the readers, assigned to a split, rendered (chat) or packed (raw text), audited
-and appended to the cache, so a corpus larger than memory is tokenised once and memory-mapped afterwards.
-Only held-out chat records are kept in memory (for generation-based evaluation).
+Records are streamed from the readers, assigned to a split, turned into examples by the data builder the
+caller names (builders.py: text blocks, chat, preference, pair, prompt), audited and appended to the cache, so
+a corpus larger than memory is tokenised once and memory-mapped afterwards. Only held-out records are kept in
+memory (for generation-based evaluation).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.data import readers
-from tuneforge.data.audit import audit_example, audit_totals, summary
-from tuneforge.data.cache import CachedExamples, CacheWriter, cache_key, file_fingerprints, tokenizer_fingerprint
-from tuneforge.data.chat import RenderStats, TokenizedExample, document_separator, tokenize_chat
-from tuneforge.data.records import TextRecord, as_chat
+from tuneforge.data.audit import audit_totals
+from tuneforge.data.builders import BUILDERS, BuildStats
+from tuneforge.data.cache import (
+    CachedExamples, CacheWriter, cache_key, entry_complete, file_fingerprints, tokenizer_fingerprint,
+)
 from tuneforge.data.split import in_eval_split, record_key
+from tuneforge.fsutil import atomic_dir
 
 
 @dataclass
@@ -26,82 +30,32 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-class _Packer:
-    """Continued pre-training: documents joined by the document separator, cut into fixed-length blocks."""
-
-    def __init__(self, tokenizer, block_size: int, separator: int, writer: CacheWriter, stats: RenderStats):
-        self.tok, self.block, self.sep, self.writer, self.stats = tokenizer, block_size, separator, writer, stats
-        self.buffer: list[int] = []
-
-    def add(self, record: TextRecord) -> None:
-        self.buffer += self.tok(record.text, add_special_tokens=False)["input_ids"] + [self.sep]
-        while len(self.buffer) >= self.block:
-            self._emit(self.buffer[:self.block])
-            self.buffer = self.buffer[self.block:]
-
-    def _emit(self, ids: list[int]) -> None:
-        ex = TokenizedExample(ids, [0] + [1] * (len(ids) - 1))
-        self.stats.add(ex)
-        self.writer.add(ex)
-
-    def close(self) -> None:
-        if len(self.buffer) > 1:  # the tail: a shorter block, padded by the collator
-            self._emit(self.buffer)
-        self.buffer = []
-
-
-class _Renderer:
-    """Instruction and chat fine-tuning: render, mask, truncate or drop, audit."""
-
-    def __init__(self, tokenizer, cfg, writer: CacheWriter, stats: RenderStats):
-        self.tok, self.cfg, self.writer, self.stats = tokenizer, cfg, writer, stats
-
-    def add(self, record) -> None:
-        chat = as_chat(record)
-        d = self.cfg.data
-        ex = tokenize_chat(self.tok, chat, d.mask, d.max_length, d.truncation, d.system_prompt)
-        if ex is None:
-            self.stats.dropped_too_long += 1
-            return
-        turns = None if d.mask == "all" else (1 if d.mask == "last" else
-                                               sum(m.role == "assistant" for m in chat.messages))
-        audit_example(ex, turns)
-        self.stats.add(ex)
-        self.writer.add(ex)
-
-    def close(self) -> None:
-        pass
-
-
-def _sink(cfg, tokenizer, writer, stats):
-    if cfg.method == "clm":
-        sep = document_separator(tokenizer, cfg.data.doc_separator)
-        return _Packer(tokenizer, cfg.data.max_length, sep, writer, stats)
-    return _Renderer(tokenizer, cfg, writer, stats)
-
-
 def _read(cfg, paths, skipped: list):
     d = cfg.data
     return readers.iter_records(paths, kind=d.kind, fields=d.fields, on_error=d.on_error, format=d.format,
                                 text_split=d.text_split, on_skip=skipped.append)
 
 
-def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: bool = False) -> PreparedData:
-    """Tokenise (or load from cache) the train and held-out splits described by `cfg.data`."""
+def prepare_data(cfg, tokenizer, builder: str, cache_root: str | Path | None = None,
+                 rebuild: bool = False) -> PreparedData:
+    """Tokenise (or load from cache) the train and held-out splits described by `cfg.data`, through the data
+    builder named `builder` (a key of builders.BUILDERS; the caller's method decides which)."""
     d = cfg.data
+    if builder not in BUILDERS:
+        raise ValueError(f"unknown data builder {builder!r}; known: {', '.join(BUILDERS)}")
     if not d.train:
         from tuneforge.errors import ConfigError
         raise ConfigError("no training data given", key="data.train")
     root = Path(cache_root or d.cache_dir or Path(cfg.train.output_dir).parent / ".tokcache")
-    key = cache_key(method=cfg.method, data=d.model_dump(exclude={"cache_dir"}), seed=cfg.train.seed,
+    key = cache_key(builder=builder, data=d.model_dump(exclude={"cache_dir"}), seed=cfg.train.seed,
                     tokenizer=tokenizer_fingerprint(tokenizer),
                     files=file_fingerprints(d.train) + file_fingerprints(d.eval))
     folder = root / key
-    eval_records = []
+    eval_records: list = []
     skipped: list = []
     if d.eval:
         eval_records = list(_read(cfg, d.eval, skipped))
-    if not rebuild and CachedExamples.exists(folder / "train"):
+    if not rebuild and entry_complete(folder):
         train = CachedExamples(folder / "train")
         ev = CachedExamples(folder / "eval")
         ev = ev if len(ev) else None
@@ -109,10 +63,25 @@ def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: 
             eval_records = _held_out_records(cfg)
         return PreparedData(train, ev, eval_records, train.meta["stats"])
 
+    # The whole entry (train, eval, meta) is written in one temporary folder, fsynced and renamed into place:
+    # a kill at any point leaves the previous entry or none, never a train split without its eval split.
+    with atomic_dir(folder) as tmp:
+        meta_stats = _build(cfg, tokenizer, BUILDERS[builder], tmp, eval_records, skipped)
+        (tmp / "meta.json").write_text(json.dumps({"builder": builder, "stats": meta_stats}, indent=1))
+    train = CachedExamples(folder / "train")
+    ev = CachedExamples(folder / "eval")
+    return PreparedData(train, ev if len(ev) else None, eval_records, meta_stats)
+
+
+def _build(cfg, tokenizer, make, entry: Path, eval_records: list, skipped: list) -> dict:
+    """Stream the records through the split and the builder class `make` into `entry`/train and `entry`/eval.
+
+    Appends the held-out records of a fraction split to `eval_records`; returns the statistics."""
+    d = cfg.data
     eval_keys = {record_key(r) for r in eval_records}
-    stats = {"train": RenderStats(), "eval": RenderStats()}
-    writers = {"train": CacheWriter(folder / "train"), "eval": CacheWriter(folder / "eval")}
-    sinks = {s: _sink(cfg, tokenizer, writers[s], stats[s]) for s in writers}
+    stats = {"train": BuildStats(), "eval": BuildStats()}
+    writers = {s: CacheWriter(entry / s, make.example_type, make.role_names) for s in ("train", "eval")}
+    sinks = {s: make(tokenizer, d, writers[s], stats[s]) for s in writers}
     duplicates = 0
     for record in eval_records:
         sinks["eval"].add(record)
@@ -134,14 +103,22 @@ def prepare_data(cfg, tokenizer, cache_root: str | Path | None = None, rebuild: 
             sinks["train"].add(record)
     for s in sinks.values():
         s.close()
-    audit_totals(stats["train"], "train")
-    meta_stats = {"train": summary(stats["train"]), "eval": summary(stats["eval"]),
+    _audit(stats["train"], make.supervised)
+    meta_stats = {"train": stats["train"].summary(), "eval": stats["eval"].summary(),
                   "skipped_records": len(skipped), "skipped_examples": [str(e) for e in skipped[:5]],
                   "duplicates_removed": duplicates}
-    train = writers["train"].finish({"stats": meta_stats})
-    ev = writers["eval"].finish({"stats": meta_stats})
-    ev = ev if len(ev) else None
-    return PreparedData(train, ev, eval_records, meta_stats)
+    for w in writers.values():
+        w.finish({"stats": meta_stats})
+    return meta_stats
+
+
+def _audit(stats: BuildStats, supervised: bool) -> None:
+    if supervised:
+        audit_totals(stats, "train")
+    elif stats.examples == 0:  # prompts supervise nothing by design; an empty split is still an error
+        from tuneforge.errors import AuditError
+        raise AuditError(f"no train examples left after reading and length filtering "
+                         f"({stats.dropped_too_long} dropped as longer than data.max_length)")
 
 
 def _held_out_records(cfg) -> list:

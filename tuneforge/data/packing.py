@@ -4,8 +4,11 @@ Padding is waste: a batch of variable-length chat examples padded to its longest
 compute on pad tokens. Packed rows carry `position_ids` that restart per example and no attention mask;
 transformers (sdpa and eager paths) then derives a block-diagonal causal mask from the restarts, so examples
 in one row never attend to each other. The first token of every example is never a target (its loss mask
-is 0), so no example is trained to continue the previous one. Nothing here depends on what the examples
-are: reward and preference batches can be packed the same way.
+is 0), so no example is trained to continue the previous one.
+
+Multi-sequence examples (preference, pair, prompt) pack the same way, by their total length: an example's
+sequences always share one row, whole and in order, each with its own restarting positions, and the batch
+carries per-sequence bookkeeping (see `collate_packed_sequences`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import bisect
 from collections.abc import Sequence
 
 import torch
+
+from tuneforge.data.example import Example
 
 
 def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -24,7 +29,8 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     for i in order:
         size = lengths[i]
         if size > capacity:
-            raise ValueError(f"example {i} has {size} tokens, more than the row capacity {capacity}")
+            raise ValueError(f"example {i} has {size} tokens (all its sequences together), more than the row "
+                             f"capacity {capacity}")
         at = bisect.bisect_left(free, (size, -1))
         if at < len(free):
             remaining, b = free.pop(at)
@@ -39,7 +45,9 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 class PackedExamples(Sequence):
-    """Rows of examples: item i is the list of examples packed into row i."""
+    """Rows of examples: item i is the list of examples packed into row i. An example counts with its total
+    length (all its sequences), so a multi-sequence example is never split across rows: `capacity` must hold
+    the largest one (for preference data, both answers with their prompts)."""
 
     def __init__(self, examples, capacity: int):
         self.examples, self.capacity = examples, capacity
@@ -59,7 +67,10 @@ class PackedExamples(Sequence):
 def collate_packed(rows: list[list], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Concatenate each row's examples: input_ids, position_ids (restarting per example), loss_mask, all
     (B, T), and `num_real` (real tokens, for throughput). No attention mask: isolation comes from positions.
-    T is the longest row, or `width` when given (one shape for every batch, which torch.compile wants)."""
+    T is the longest row, or `width` when given (one shape for every batch, which torch.compile wants).
+    Rows of multi-sequence examples (Example) go to `collate_packed_sequences`."""
+    if isinstance(rows[0][0], Example):
+        return collate_packed_sequences(rows, pad_id, width)
     longest = max(sum(len(ex.input_ids) for ex in row) for row in rows)
     longest = max(longest, width or 0)
     batch = len(rows)
@@ -80,6 +91,45 @@ def collate_packed(rows: list[list], pad_id: int, width: int | None = None) -> d
         position_ids[r, at:] = torch.arange(longest - at)  # trailing pad: its own isolated "sequence"
     return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
             "num_real": torch.tensor(real)}
+
+
+def collate_packed_sequences(rows: list[list[Example]], pad_id: int, width: int | None = None) -> dict:
+    """Rows of multi-sequence examples: every sequence of a row's examples end to end, positions restarting
+    per sequence, no attention mask.
+
+    Returns input_ids, position_ids, loss_mask, sequence_ids, all (B, T); sequence_example, sequence_role and
+    last_index, all (S,) over the S sequences of the batch in row order; num_real. `sequence_ids` is each
+    token's sequence index (-1 on padding); `sequence_example` the index of the sequence's example, counted
+    over the batch in row order; `last_index` the flat index row * T + col of its last real token. Loss masks
+    are the builder's own: LM builders never supervise a sequence's first token (so no sequence is trained to
+    continue the one before it), and pair sequences keep their all-ones pooling mask."""
+    longest = max(max(sum(len(ex) for ex in row) for row in rows), width or 0)
+    batch = len(rows)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, longest), dtype=torch.long)
+    loss_mask = torch.zeros((batch, longest), dtype=torch.long)
+    sequence_ids = torch.full((batch, longest), -1, dtype=torch.long)
+    seq_example, seq_role, last_index = [], [], []
+    examples = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for ex in row:
+            for seq, role in zip(ex.sequences, ex.roles):
+                n = len(seq.input_ids)
+                input_ids[r, at:at + n] = torch.tensor(seq.input_ids, dtype=torch.long)
+                position_ids[r, at:at + n] = torch.arange(n)
+                loss_mask[r, at:at + n] = torch.tensor(seq.loss_mask, dtype=torch.long)
+                sequence_ids[r, at:at + n] = len(seq_example)
+                seq_example.append(examples)
+                seq_role.append(role)
+                last_index.append(r * longest + at + n - 1)
+                at += n
+            examples += 1
+        position_ids[r, at:] = torch.arange(longest - at)  # trailing pad: its own isolated "sequence"
+    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
+            "sequence_ids": sequence_ids, "sequence_example": torch.tensor(seq_example, dtype=torch.long),
+            "sequence_role": torch.tensor(seq_role, dtype=torch.long),
+            "last_index": torch.tensor(last_index, dtype=torch.long), "num_real": (sequence_ids >= 0).sum()}
 
 
 def real_tokens(batch: dict) -> int:
