@@ -101,8 +101,9 @@ def child_tuneforge(spec: dict) -> dict:
 
     from tuneforge.data.chat import TokenizedExample
     from tuneforge.data.packing import PackedExamples, collate_packed
-    from tuneforge.objectives import make_objective
-    from tuneforge.train.loop import LoopSettings, fit
+    from tuneforge.config.schema import TrainSection
+    from tuneforge.objectives.sft import SFTObjective
+    from tuneforge.train.loop import fit
 
     device = spec["device"]
     model = make_model(spec["shape"], device)
@@ -116,29 +117,28 @@ def child_tuneforge(spec: dict) -> dict:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = [TokenizedExample(ids, mask) for ids, mask in spec_examples(spec)]
     rows = PackedExamples(examples, spec["seq"])
-    settings = LoopSettings(output_dir=spec["workdir"], micro_batch_size=spec["batch"],
+    settings = TrainSection(output_dir=spec["workdir"], micro_batch_size=spec["batch"],
                             max_steps=spec["warmup"] + spec["steps"], lr=2e-4 if spec["case"] == "lora" else 1e-5,
                             warmup_ratio=0.0, autocast="bf16", tensorboard=False, progress=False,
                             log_every=10**6)
     starts, real, sup = [], [], []
-    objective = make_objective("sft")
-    inner_step = objective.step
+    objective = SFTObjective()
+    inner_prepare = objective.prepare
 
-    def timed_step(model_, batches, autocast):
+    def timed_prepare(module, batches):  # once per step, before its forward/backward passes
         _sync(device)
         starts.append(time.perf_counter())
-        out = inner_step(model_, batches, autocast)
-        real.append(out.tokens)
-        sup.append(out.count)
-        return out
+        return inner_prepare(module, batches)
 
-    objective.step = timed_step
+    objective.prepare = timed_prepare
     counts = flop_counts(model)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = fit(model, objective, rows, lambda b: collate_packed(b, 0), settings, device=torch.device(device))
     _sync(device)
     end = time.perf_counter()
+    real += [row["tokens"] for row in result.history]
+    sup += [row["count"] for row in result.history]
     return {**summarise(starts, end, real, sup, spec["warmup"]), **counts, **_peak(device),
             "final_loss": result.train_loss}
 

@@ -22,10 +22,11 @@ Sides
 - tf-*: tuneforge through `tuneforge.run.train` with a RunConfig (method sft, LoRA or full), a ladder of
   switches (TF_VARIANTS): tf-base (float32, padded, transformers' sdpa attention, PEFT's own dropout),
   tf-fused (+ fused LoRA dropout, LoRA only), tf-bf16 (+ bf16 autocast, bf16 machines only), tf-pack
-  (+ packing, transformers' masked sdpa), tf-varlen (+ tuneforge_varlen attention: tuneforge's defaults, the
-  fast point), tf-varlen-ckpt (+ activation checkpointing), tf-group (the defaults with group_by_length
-  instead of packing), tf-varlen-mb1 (one packed row per micro-batch: the lean point; LoRA by default);
-  opt-in: tf-varlen-mb1-ckpt, tf-compile (the defaults + train.compile).
+  (+ packing into one wide micro-batch of the step's rows, transformers' masked sdpa), tf-varlen
+  (+ tuneforge_varlen attention: the fast point), tf-varlen-ckpt (+ activation checkpointing), tf-group
+  (group_by_length instead of packing), tf-defaults (tuneforge with nothing set: packing auto, one row of
+  data.max_length per micro-batch, the same rows per step: the lean point);
+  opt-in: tf-defaults-ckpt, tf-compile (tf-varlen + train.compile).
 
 Compute dtype: `--dtype auto` picks bf16 when the measured bf16 matmul rate beats float32, else float32 (a CPU
 without native bf16, e.g. AVX2-only, multiplies bf16 10-20x slower; autocast would then only measure that).
@@ -74,20 +75,20 @@ TF_VARIANTS = {
                 {"autocast": "none", "attn": "sdpa", "fused": False}),
     "tf-fused": ("+ fused LoRA dropout", {"autocast": "none", "attn": "sdpa"}),
     "tf-bf16": ("+ bf16 autocast", {"autocast": "dt", "attn": "sdpa"}),
-    "tf-pack": ("+ packing (sdpa mask)", {"autocast": "dt", "packing": True, "attn": "sdpa"}),
-    "tf-varlen": ("+ varlen attention (the defaults)", {"autocast": "dt", "packing": True}),
-    "tf-varlen-ckpt": ("+ activation checkpointing (lean)", {"autocast": "dt", "packing": True, "ckpt": True}),
-    "tf-compile": ("defaults + torch.compile", {"autocast": "dt", "packing": True, "compile": True}),
-    "tf-group": ("defaults, group_by_length instead of packing", {"autocast": "dt", "group": True}),
-    "tf-varlen-mb1": ("defaults, one packed row per micro-batch (grad_accum = rows)",
-                      {"autocast": "dt", "packing": True, "accum": True}),
-    "tf-varlen-mb1-ckpt": ("+ activation checkpointing, one row per micro-batch",
-                           {"autocast": "dt", "packing": True, "accum": True, "ckpt": True}),
+    "tf-pack": ("+ packing, one wide micro-batch (sdpa mask)",
+                {"autocast": "dt", "packing": True, "wide": True, "attn": "sdpa"}),
+    "tf-varlen": ("+ varlen attention, one wide micro-batch", {"autocast": "dt", "packing": True, "wide": True}),
+    "tf-varlen-ckpt": ("+ activation checkpointing", {"autocast": "dt", "packing": True, "wide": True, "ckpt": True}),
+    "tf-compile": ("wide + torch.compile", {"autocast": "dt", "packing": True, "wide": True, "compile": True}),
+    "tf-group": ("group_by_length instead of packing", {"autocast": "dt", "packing": False, "group": True}),
+    "tf-defaults": ("the defaults: packing auto, one row of max_length per micro-batch",
+                    {"autocast": "dt", "packing": "auto"}),
+    "tf-defaults-ckpt": ("the defaults + activation checkpointing", {"autocast": "dt", "packing": "auto", "ckpt": True}),
 }
 TRL_VARIANTS = {"trl": ("SFTTrainer, docs config", {}), "trl-pack": ("SFTTrainer, packing=True", {"packing": True})}
 DEFAULT_VARIANTS = {"lora": ["trl", "tf-base", "tf-fused", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt",
-                             "tf-group", "tf-varlen-mb1"],
-                    "full": ["trl", "tf-base", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt"]}
+                             "tf-group", "tf-defaults"],
+                    "full": ["trl", "tf-base", "tf-bf16", "tf-pack", "tf-varlen", "tf-varlen-ckpt", "tf-defaults"]}
 
 
 # ---------------------------------------------------------------------------------------------- child helpers
@@ -167,12 +168,14 @@ def child_tuneforge(spec: dict) -> dict:
         "method": "sft",
         "model": {"name": spec["model"], "attn_implementation": sw.get("attn")},
         "data": {"train": spec["data"], "max_length": spec["max_length"], "mask": "assistant",
-                 "packing": bool(sw.get("packing")), "group_by_length": bool(sw.get("group")),
+                 "packing": sw.get("packing", False), "group_by_length": bool(sw.get("group")),
                  "cache_dir": str(work / "tokcache")},
         "lora": {"enabled": spec["case"] == "lora", **LORA, "fused_dropout": sw.get("fused", True)},
         "train": {"output_dir": str(work / "run"),
-                  "micro_batch_size": 1 if sw.get("accum") else spec["rows"] if sw.get("packing") else spec["batch"],
-                  "grad_accum": spec["rows"] if sw.get("accum") else 1,
+                  # packed: a step holds `rows` rows of max_length, one row per micro-batch by default,
+                  # or all of them in one wide micro-batch (micro_batch_tokens = rows x max_length)
+                  "micro_batch_size": spec["rows"] if sw.get("packing") else spec["batch"], "grad_accum": 1,
+                  "micro_batch_tokens": spec["rows"] * spec["max_length"] if sw.get("wide") else None,
                   "epochs": 1, "autocast": sw.get("autocast", "none"),
                   "activation_checkpointing": bool(sw.get("ckpt")), "compile": bool(sw.get("compile")),
                   "tensorboard": False, "progress": False,
@@ -191,12 +194,9 @@ def child_tuneforge(spec: dict) -> dict:
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        def step(self, model, batches, autocast):
+        def prepare(self, module, batches):  # once per step, before its forward/backward passes
             clock.starts.append(time.perf_counter())
-            out = self.inner.step(model, batches, autocast)
-            clock.real.append(int(out.tokens))
-            clock.supervised.append(int(out.count))
-            return out
+            return self.inner.prepare(module, batches)
 
     real_fit = tr.fit
 
@@ -206,6 +206,8 @@ def child_tuneforge(spec: dict) -> dict:
         info["exact_reset"] = _reset_peak()
         result = real_fit(model, TimedObjective(objective), *args, **kwargs)
         clock.end = time.perf_counter()
+        clock.real += [int(row["tokens"]) for row in result.history]
+        clock.supervised += [int(row["count"]) for row in result.history]
         info["train_peak_kb"] = _status_kb("VmHWM")
         info["final_loss"] = result.train_loss
         info["gpu_peak_gb"] = _gpu_peak()

@@ -94,7 +94,9 @@ def batching(cfg: RunConfig, data, tokenizer, packed: bool):
     if not packed:
         return data.train, data.eval, lambda b: collate(b, pad), cfg.train
     t, d = cfg.train, cfg.data
-    budget = max(t.micro_batch_tokens or d.max_length, d.max_length)  # a row must fit the longest example
+    # a row must fit the longest example (a preference example holds two sequences of up to max_length)
+    longest = max((data.train.length(i) for i in range(len(data.train))), default=d.max_length)
+    budget = max(t.micro_batch_tokens or d.max_length, d.max_length, longest)
     rows_per_step = max(1, math.ceil(t.micro_batch_size * t.grad_accum * d.max_length / budget))
     settings = t.model_copy(update={"micro_batch_size": 1, "grad_accum": rows_per_step})
     pack = lambda ex: PackedExamples(ex, budget) if ex is not None else None  # noqa: E731

@@ -150,7 +150,8 @@ def tokenize_chat(tokenizer, record: ChatRecord, mask: str = "assistant", max_le
     """Render and tokenise one conversation. Returns None when it is too long and must be dropped."""
     msgs = _messages(record, system_prompt)
     text, spans = assistant_spans(tokenizer, msgs, "last" if mask == "last" else "all", record.source)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: no "longer than the specified maximum" warning, the length limit is data.max_length
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if mask == "all":
         loss = [1] * len(ids)
