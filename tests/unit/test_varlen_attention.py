@@ -170,3 +170,19 @@ def test_generation_continuing_a_cached_prompt_equals_sdpa(model):
     ref, got = out["sdpa"], out[NAME]
     assert torch.equal(got.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_declared_torch_floor_has_sdpa_enable_gqa():
+    """varlen_sdpa passes `enable_gqa` to F.scaled_dot_product_attention, new in torch 2.5 (the newest torch API
+    tuneforge uses): the declared dependency must not admit an older torch."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    deps = [Requirement(d) for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+    torch_req = next(r for r in deps if r.name == "torch")
+    floors = [Version(s.version) for s in torch_req.specifier if s.operator in (">=", "==", "~=")]
+    assert floors and max(floors) >= Version("2.5"), f"{pyproject}: torch requirement '{torch_req}' admits < 2.5"
