@@ -219,3 +219,74 @@ def test_training_mode_without_grad_still_drops_out():
     torch.manual_seed(9)
     keep = dropout_keep_mask(x.shape, 0.25)
     torch.testing.assert_close(got, (x * keep / 0.75) @ layer.weight.t(), rtol=1e-5, atol=1e-6)
+
+
+def _train_step(model, ids, seed=11):
+    """One training forward and backward with PEFT's dropout drawing from `seed`: loss and gradients."""
+    model.train()
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids).logits.float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+
+
+def _lora_b_nonzero(model):
+    for name, param in model.named_parameters():  # lora_B starts at zero; make the branch (and its dropout) matter
+        if "lora_B" in name:
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("version", ["0.16.0", "0.22.0", "0.22.0.dev0", "1.0.0", "not-a-version"])
+def test_outside_the_checked_peft_versions_peft_dropout_stays(tiny_model_dir, monkeypatch, version):
+    """A PEFT release the swap was not checked against: one warning naming the version, nothing fused, and
+    training runs PEFT's own path (loss and gradients equal to a model never offered the fused path)."""
+    import peft
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    reference = _train_step(_lora_b_nonzero(_peft_model(tiny_model_dir, 0.2)), ids)
+    model = _lora_b_nonzero(_peft_model(tiny_model_dir, 0.2))
+    monkeypatch.setattr(peft, "__version__", version)
+    with pytest.warns(RuntimeWarning, match=f"fused LoRA dropout is off: PEFT {version} is outside") as seen:
+        assert fuse_lora_dropout(model) == 0
+    assert len(seen) == 1
+    assert not any(isinstance(m, DropoutLinear) for m in model.modules())
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.2 for m in model.modules())
+    loss, grads = _train_step(model, ids)
+    torch.testing.assert_close(loss, reference[0], rtol=0, atol=0)
+    assert grads.keys() == reference[1].keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], reference[1][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("version", ["0.17.0", "0.21.2", "0.21.9"])
+def test_inside_the_checked_peft_versions_dropout_is_fused(tiny_model_dir, monkeypatch, version):
+    import warnings
+
+    import peft
+    model = _peft_model(tiny_model_dir, 0.2)
+    monkeypatch.setattr(peft, "__version__", version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fuse_lora_dropout(model) > 0
+    assert any(isinstance(m, DropoutLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("broken", ["no lora_variant", "lora_dropout a dict"])
+def test_peft_layers_without_the_expected_attributes_keep_peft_dropout(tiny_model_dir, broken):
+    """A LoRA layer lacking what the swap touches (here made so on the last layer, after other, intact ones):
+    one warning naming the attribute, and no layer changed."""
+    from peft.tuners.lora import LoraLayer
+    model = _peft_model(tiny_model_dir, 0.2)
+    last = [m for m in model.modules() if isinstance(m, LoraLayer)][-1]
+    if broken == "no lora_variant":
+        del last.lora_variant
+        attr = "lora_variant"
+    else:
+        object.__setattr__(last, "lora_dropout", dict(last.lora_dropout))
+        attr = "lora_dropout"
+    with pytest.warns(RuntimeWarning, match=f"fused LoRA dropout is off: PEFT .*{type(last).__name__} lacks {attr}"):
+        assert fuse_lora_dropout(model) == 0
+    assert not any(isinstance(m, DropoutLinear) for m in model.modules())
+    dropouts = [d for m in model.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()]
+    assert dropouts and all(isinstance(d, nn.Dropout) and d.p == 0.2 for d in dropouts)

@@ -114,3 +114,75 @@ def test_spans_are_recomputed_for_every_new_batch(model):
         ids = torch.randint(3, 100, (1, 8))
         packed = model(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits
         torch.testing.assert_close(packed, _alone(model, ids, pos), rtol=1e-4, atol=1e-5)
+
+
+def _cached_forward(model, impl, ids, mask, prompt_len, cache_kind):
+    """Fill a cache with ids[:, :prompt_len], then run the rest as one multi-token forward on top of it, then one
+    more single token (decode): the logits of both later forwards."""
+    from transformers import DynamicCache, StaticCache
+    model.set_attn_implementation(impl)
+    cache = (DynamicCache(config=model.config) if cache_kind == "dynamic"
+             else StaticCache(config=model.config, max_cache_len=ids.shape[1] + 4))
+    with torch.no_grad():
+        model(input_ids=ids[:, :prompt_len], attention_mask=None if mask is None else mask[:, :prompt_len],
+              cache=cache)
+        chunk = model(input_ids=ids[:, prompt_len:-1], attention_mask=None if mask is None else mask[:, :-1],
+                      cache=cache).logits
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, cache=cache).logits
+    return chunk, step
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("padding", ["no mask", "all ones", "left padded"])
+def test_multi_token_forward_on_a_cached_prefix_equals_sdpa(model, padding, cache_kind):
+    """Prompt-cache reuse, assisted decoding, RL rollouts continuing a cached prompt: queries start after the cached
+    keys, so the causal diagonal is offset. (This once went wrong: the all-ones mask was dropped and SDPA cropped
+    the keys to the query length, 0.2 off in the logits.)"""
+    torch.manual_seed(4)
+    ids = torch.randint(3, 100, (3, 13))
+    mask = None if padding == "no mask" else torch.ones(3, 13, dtype=torch.long)
+    if padding == "left padded":
+        mask[0, :4] = 0
+        mask[2, :1] = 0
+    ref_chunk, ref_step = _cached_forward(model, "sdpa", ids, mask, 7, cache_kind)
+    eager_chunk, _ = _cached_forward(model, "eager", ids, mask, 7, cache_kind)
+    got_chunk, got_step = _cached_forward(model, register(), ids, mask, 7, cache_kind)
+    real = slice(None) if mask is None else mask[:, 7:-1].bool()
+    torch.testing.assert_close(eager_chunk[real], ref_chunk[real], rtol=1e-5, atol=1e-5)  # the tolerance is fair
+    torch.testing.assert_close(got_chunk[real], ref_chunk[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_step, ref_step, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_continuing_a_cached_prompt_equals_sdpa(model):
+    """generate() given a cache that holds part of the prompt: the prompt's rest is one multi-token forward."""
+    from transformers import DynamicCache
+    torch.manual_seed(5)
+    ids = torch.randint(3, 100, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    out = {}
+    for impl in ("sdpa", register()):
+        model.set_attn_implementation(impl)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :6], attention_mask=mask[:, :6], cache=cache)
+        out[impl] = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=5,
+                                   do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref, got = out["sdpa"], out[NAME]
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_declared_torch_floor_has_sdpa_enable_gqa():
+    """varlen_sdpa passes `enable_gqa` to F.scaled_dot_product_attention, new in torch 2.5 (the newest torch API
+    tuneforge uses): the declared dependency must not admit an older torch."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    deps = [Requirement(d) for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+    torch_req = next(r for r in deps if r.name == "torch")
+    floors = [Version(s.version) for s in torch_req.specifier if s.operator in (">=", "==", "~=")]
+    assert floors and max(floors) >= Version("2.5"), f"{pyproject}: torch requirement '{torch_req}' admits < 2.5"

@@ -18,11 +18,16 @@ float32): dropout took 2.0 s of a 12.4 s step and 1.8 GB of its 8.0 GB peak resi
 It is a subclass of `nn.Linear` with the same `weight`, so state dicts, PEFT's adapter files, merging and
 evaluation are unchanged; in eval mode (or with p = 0) it is a plain linear layer. The PEFT dropout module
 of a fused adapter becomes `nn.Identity`; `unfuse_lora_dropout` restores both.
+
+Swapping classes inside PEFT's layers relies on how PEFT builds and runs them, so it is done only for the PEFT
+releases that were checked (`PEFT_CHECKED`) and whose LoRA layers have the attributes it touches; otherwise
+training keeps PEFT's own dropout, with one warning.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -139,18 +144,64 @@ def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Te
     return _DropoutLinearFn.apply(x, weight, p)  # under no_grad: its forward alone
 
 
+# PEFT releases [first, end) whose LoRA layers were read for what the swap relies on: a plain adapter's
+# forward is `lora_B(lora_A(dropout(x)))` (peft/tuners/lora/layer.py and the quantized backends), `lora_A` and
+# `lora_dropout` are ModuleDicts per adapter holding an `nn.Linear(bias=False)` and an `nn.Dropout` (or
+# `nn.Identity` at p = 0), and the adapters whose forward differs (DoRA and the other variants) are the keys
+# of the `lora_variant` dict. Read: tags v0.17.0 to v0.20.0 and the installed 0.21.2 (tested).
+PEFT_CHECKED = ((0, 17), (0, 22))
+# What fuse_lora_dropout touches on each PEFT LoRA layer, with the type it expects.
+_LORA_LAYER_ATTRIBUTES = (("lora_A", nn.ModuleDict), ("lora_dropout", nn.ModuleDict), ("lora_variant", dict))
+
+
+def _peft_version() -> str:
+    import peft
+    return peft.__version__
+
+
+def _lora_layers_or_refusal(model) -> tuple[list[nn.Module], str | None]:
+    """The model's PEFT LoRA layers, and why the fused path must stay off for them (None when it may run)."""
+    from packaging.version import InvalidVersion, Version
+
+    version = _peft_version()
+    first, end = PEFT_CHECKED
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = None
+    if release is None or not first <= release < end:
+        return [], (f"PEFT {version} is outside the versions it was checked against "
+                    f"(>={first[0]}.{first[1]}, <{end[0]}.{end[1]})")
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return [], f"PEFT {version} has no peft.tuners.lora.LoraLayer"
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        missing = [f"{attr} ({kind.__name__})" for attr, kind in _LORA_LAYER_ATTRIBUTES
+                   if not isinstance(getattr(layer, attr, None), kind)]
+        if missing:
+            return [], f"PEFT {version}'s {type(layer).__name__} lacks {', '.join(missing)}"
+    return layers, None
+
+
 def fuse_lora_dropout(model) -> int:
     """Fuse every plain LoRA adapter's dropout into its `lora_A` (see module doc); returns how many.
 
     Left alone: adapters with p = 0 (nothing to fuse), DoRA and other PEFT variants (their forward reads the
     dropout module itself), a `lora_A` with a bias, and non-Linear `lora_A`s (embeddings, convolutions).
+    Nothing is fused (PEFT's own dropout path runs, after one warning) under a PEFT release outside
+    `PEFT_CHECKED` or whose LoRA layers lack what the swap touches; the check comes before any change.
     """
+    layers, refusal = _lora_layers_or_refusal(model)
+    if refusal is not None:
+        warnings.warn(f"fused LoRA dropout is off: {refusal}; training uses PEFT's own dropout path (same "
+                      "maths, more memory). Set lora.fused_dropout: false to run it without this warning.",
+                      RuntimeWarning, stacklevel=2)
+        return 0
     fused = 0
-    for module in model.modules():
-        lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
-        if not isinstance(lora_a, nn.ModuleDict) or not isinstance(dropouts, nn.ModuleDict):
-            continue
-        variants = getattr(module, "lora_variant", {}) or {}
+    for module in layers:
+        lora_a, dropouts, variants = module.lora_A, module.lora_dropout, module.lora_variant
         for name, a in lora_a.items():
             drop = dropouts[name] if name in dropouts else None
             if (not isinstance(drop, nn.Dropout) or drop.p == 0.0 or name in variants

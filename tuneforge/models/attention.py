@@ -12,8 +12,9 @@ Right-padded training batches need no mask either: under causal attention a real
 earlier, real tokens, so they run as one `is_causal` call (pad positions compute values nobody reads).
 
 Registered with transformers' attention and mask interfaces as "tuneforge_varlen". Whenever a padding
-mask is still needed (left-padded generation), or keys outnumber queries (decoding with a cache), it hands
-over to transformers' own SDPA path unchanged, so generation behaves exactly as with "sdpa".
+mask is still needed (left-padded generation), or the forward runs on top of a cache (decoding, or several new
+tokens after a cached prompt: the causal diagonal is then offset), the mask function builds SDPA's own mask and
+the attention hands over to transformers' own SDPA path unchanged, so generation behaves exactly as with "sdpa".
 """
 
 from __future__ import annotations
@@ -95,15 +96,21 @@ def _right_padded(mask: torch.Tensor) -> bool:
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):
     """No mask when there is no padding (examples are told apart by position ids), nor for right padding
-    without a cache (training and loss evaluation: under causal attention a real token only sees earlier,
-    real tokens; pad positions get outputs nobody reads). Otherwise (left padding, decoding) SDPA's mask."""
+    (training and loss evaluation: under causal attention a real token only sees earlier, real tokens; pad
+    positions get outputs nobody reads). Both only without a cache prefix: `varlen_sdpa`'s `is_causal` calls align
+    the causal diagonal top-left, which is right only when queries and keys start at the same position.
+    Everything else (a cache prefix, left padding) gets SDPA's own mask, so it runs exactly as with "sdpa"."""
     from transformers.masking_utils import sdpa_mask
 
+    q_length, kv_length, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
+    # A forward on top of a cache (prompt-cache reuse, assisted decoding, a rollout continuing a cached prompt):
+    # its queries sit after the cached keys. sdpa_mask builds the offset causal mask (or returns None where SDPA
+    # itself may rely on `is_causal`: one query token, or an empty static cache).
+    if q_length is None or q_length != kv_length or bool(torch.as_tensor(q_offset).any()):
+        return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
     if attention_mask is None or bool(attention_mask.all()):
         return None
-    q_length, kv_length, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
-    if (attention_mask.dim() == 2 and q_length == kv_length == attention_mask.shape[-1]
-            and not bool(torch.as_tensor(q_offset).any()) and _right_padded(attention_mask)):
+    if attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length and _right_padded(attention_mask):
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 

@@ -30,6 +30,12 @@ def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (h @ weight.to(h.dtype).T).float()  # (n, V)
 
 
+def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+    """The autocast state the forward ran under, to run a recomputation in backward the same way: autograd runs
+    backward outside the forward's autocast context (the loop calls `.backward()` after leaving it)."""
+    return device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
 class _FusedNLLSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
@@ -90,18 +96,28 @@ class _TokenLogprobs(torch.autograd.Function):
             entropy[sl] = -(logp_all.exp() * logp_all).sum(-1)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size = chunk_size
+        ctx.autocast = _autocast_state(hidden.device)
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        # The same matmul dtypes as the forward and as autograd through the plain computation (bf16 under bf16
+        # autocast), not float32 matmuls that would give a gradient of slightly different logits.
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            return _TokenLogprobs._grads(ctx, grad_logps)
+
+    @staticmethod
+    def _grads(ctx, grad_logps):
         hidden, weight, targets = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for sl in _chunks(hidden.shape[0], ctx.chunk_size):
             h, y, g_out = hidden[sl], targets[sl], grad_logps[sl].float()
-            p = torch.softmax(_logits(h, weight), dim=-1)  # recomputed: logits were never stored
+            # recomputed (logits were never stored), as exp(log_softmax) like autograd through log_softmax
+            p = torch.log_softmax(_logits(h, weight), dim=-1).exp_()
             g = -p * g_out[:, None]  # d logp_y / d logits = onehot - softmax
             g[torch.arange(g.shape[0], device=g.device), y] += g_out
             if grad_h is not None:
