@@ -10,9 +10,13 @@ from pathlib import Path
 from tuneforge.errors import TuneforgeError
 
 
-def _config(args):
+def _config(args, data: bool = True, extra_inputs=()):
+    """The run config, after every path the command will read (data, a local model, flags) is checked."""
+    from tuneforge import preflight
     from tuneforge.config import load_config
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    preflight.check_inputs(preflight.config_inputs(cfg, data=data) + list(extra_inputs))
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -57,8 +61,14 @@ def cmd_data_inspect(args) -> int:
 
 def _load_for_inference(args):
     """Model, tokenizer and system prompt from --run (a training output folder) or --model/--adapter."""
+    from tuneforge import preflight
     from tuneforge.config import load_config
     from tuneforge.run import load_model_and_tokenizer
+    preflight.check_inputs(
+        ([preflight.run_input("--run", args.run)] if args.run else [])
+        + ([preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
+        + (preflight.model_inputs("--model", args.model) if args.model else [])
+        + ([preflight.Input("--file", args.file, kind="file")] if getattr(args, "file", None) else []))
     overrides, adapter = [], args.adapter
     cfg_path = None
     if args.run:
@@ -70,6 +80,7 @@ def _load_for_inference(args):
     if args.model:
         overrides.append(f"model.name={args.model}")
     cfg = load_config(cfg_path, overrides)
+    preflight.check_inputs(preflight.config_inputs(cfg, data=False))  # a run's config may name a local model
     model, tokenizer = load_model_and_tokenizer(cfg)
     if adapter:
         from tuneforge.adapters.lora import load_adapter
@@ -118,16 +129,20 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from tuneforge import preflight
     from tuneforge.run import evaluate
-    cfg = _config(args)
+    cfg = _config(args, extra_inputs=[preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
     print(json.dumps(evaluate(cfg, adapter=args.adapter), indent=1, default=str))
     return 0
 
 
 def cmd_merge(args) -> int:
+    from tuneforge import preflight
     from tuneforge.adapters.lora import merge_to_folder
     from tuneforge.config import load_config
     from tuneforge.run import load_model_and_tokenizer
+    preflight.check_inputs(preflight.model_inputs("--model", args.model)
+                           + [preflight.adapter_input("--adapter", args.adapter)])
     cfg = load_config(None, [f"model.name={args.model}"])
     model, tokenizer = load_model_and_tokenizer(cfg)
     out = merge_to_folder(model, args.adapter, args.out, tokenizer)

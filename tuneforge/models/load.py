@@ -49,6 +49,15 @@ def resolve_spec(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = 
                          f"nor a hub id of the form org/name)")
 
 
+def looks_like_path(spec: str | os.PathLike) -> bool:
+    """True when `spec` can only mean a local path: not an embedded name, and not of the hub's `org/name`
+    form (or a .gguf name, never a hub id). Such a spec must exist; commands check that before loading."""
+    text = os.fspath(spec)
+    if embedded.canonical_name(text) is not None:
+        return False
+    return not _HUB_ID.match(text) or Path(text).suffix.lower() == ".gguf"
+
+
 def check_weights_folder(folder: str | os.PathLike) -> None:
     """Refuse folders we would have to unpickle, and folders without any weights, with a clear message."""
     folder = Path(folder)
