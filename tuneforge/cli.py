@@ -22,7 +22,7 @@ def _config(args, data: bool = True, extra_inputs=()):
 def cmd_train(args) -> int:
     from tuneforge.run import train
     cfg = _config(args)
-    results = train(cfg, resume=args.resume)
+    results = train(cfg, resume=args.resume, overwrite=args.overwrite)
     _print_comparison(results)
     return 0
 
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model as a config describes")
     with_config(t)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in output_dir (its final/, results.json, checkpoints, logs)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="data tools")

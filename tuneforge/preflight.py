@@ -110,3 +110,50 @@ def _near_miss(path: Path) -> str | None:
         return None
     match = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
     return str(parent / match[0]) if match and path.name else None
+
+
+# --- the output folder: a finished run's record is never overwritten without an explicit choice -------------
+
+# What a run writes into train.output_dir; --overwrite removes exactly these (nothing else the user keeps there).
+RUN_RECORD = ("final", "results.json", "config.yaml", "checkpoints", "metrics.jsonl", "tensorboard")
+
+
+def finished_run_parts(out_dir: str | os.PathLike) -> list[str]:
+    """The parts of a finished run in `out_dir` (final/, results.json); [] when there is none."""
+    out = Path(out_dir)
+    return [name for name, there in (("final/", (out / "final").is_dir()),
+                                     ("results.json", (out / "results.json").is_file())) if there]
+
+
+def check_output_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything loads, to train into a folder that holds a finished run, unless the user chose:
+    `overwrite`, or `resume` (whose checks in the loop refuse a config that differs from the checkpoint's)."""
+    if resume and overwrite:
+        raise InputPathError("--resume and --overwrite contradict each other: --resume continues the run in "
+                             "train.output_dir, --overwrite replaces it")
+    parts = finished_run_parts(out_dir)
+    if parts and not (overwrite or resume):
+        raise InputPathError(
+            f"train.output_dir: {out_dir} holds a finished run ({', '.join(parts)}), which is never overwritten "
+            "without a choice: choose a new train.output_dir=..., --resume to continue a run that did not "
+            "finish, or --overwrite to replace it")
+
+
+def record_run_config(cfg, overwrite: bool = False) -> None:
+    """Write output_dir/config.yaml, once the start-up checks passed; with `overwrite`, first remove the old
+    run's record, so that no checkpoint of the old run is ever resumed as if it were the new one's."""
+    import shutil
+
+    import yaml
+
+    from tuneforge.fsutil import atomic_write_text
+    out = Path(cfg.train.output_dir)
+    if overwrite:
+        for name in RUN_RECORD:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))

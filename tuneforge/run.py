@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import torch
-import yaml
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import collate
@@ -119,11 +118,12 @@ def save_final(cfg: RunConfig, model, tokenizer) -> Path:
     return out
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
-    device = setup_runtime(cfg)
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    from tuneforge.preflight import check_output_dir, record_run_config
+    from tuneforge.train.checkpoint import latest_checkpoint
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    check_output_dir(out_dir, resume, overwrite)  # a finished run is never overwritten without a choice
+    device = setup_runtime(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     data = prepare_data(cfg, tokenizer)
     print("data: " + json.dumps(data.stats), flush=True)
@@ -147,9 +147,15 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
           f"{getattr(unwrap(model).config, '_attn_implementation', None)}", flush=True)
     writer = (lambda d: _save_adapter_into(model, d)) if cfg.lora.enabled else None
     train_rows, eval_rows, collate_fn = batching(cfg, data, tokenizer)
+    # config.yaml once start-up passed; a resumed run's once fit's resume checks accepted the checkpoint
+    resuming = resume and latest_checkpoint(out_dir) is not None
+    if not resuming:
+        record_run_config(cfg, overwrite)
     fitted = fit(model, make_objective(cfg.method), train_rows, collate_fn, loop_settings(cfg),
                  eval_data=eval_rows if cfg.eval.loss else None, resume=resume,
                  extra_checkpoint_writer=writer, device=device)
+    if resuming:
+        record_run_config(cfg)
     results["train"] = {"steps": fitted.steps, "final_loss": fitted.train_loss, "eval": fitted.eval,
                         "tokens_per_second": round(fitted.tokens_per_second, 1),
                         "train_seconds": round(fitted.train_seconds, 1), "interrupted": fitted.interrupted}
