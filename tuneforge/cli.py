@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -132,7 +133,9 @@ def cmd_eval(args) -> int:
     from tuneforge import preflight
     from tuneforge.run import evaluate
     cfg = _config(args, extra_inputs=[preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
-    print(json.dumps(evaluate(cfg, adapter=args.adapter), indent=1, default=str))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone (`tuneforge eval cfg | jq`)
+        result = evaluate(cfg, adapter=args.adapter)
+    print(json.dumps(result, indent=1, default=str))
     return 0
 
 
