@@ -108,24 +108,14 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from tuneforge.eval.generation import generate
+    from tuneforge.repl import chat_loop
     model, tokenizer, system = _load_for_inference(args)
-    history: list[dict] = []
-    print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        if line == "/reset":
-            history = []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, [history], args.max_new_tokens, 1, system,
-                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0)[0]
-        history.append({"role": "assistant", "content": reply})
-        print(f"bot> {reply}")
+
+    def respond(conversation: list[dict]) -> str:
+        return generate(model, tokenizer, [conversation], args.max_new_tokens, 1, system,
+                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0)[0]
+
+    chat_loop(respond, keep_history=not args.no_history)
     return 0
 
 
@@ -185,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt)")
         g.add_argument("--max-new-tokens", type=int, default=128)
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        if name == "chat":
+            g.add_argument("--no-history", action="store_true",
+                           help="answer each message alone (default: each reply sees the conversation so far)")
         if name == "generate":
             g.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
             g.add_argument("--file", help="one prompt per line")
