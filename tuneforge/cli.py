@@ -80,6 +80,8 @@ def _load_for_inference(args):
             overrides.append(f"model.name={Path(args.run) / 'final'}")
     if args.model:
         overrides.append(f"model.name={args.model}")
+    elif adapter and not args.run:
+        overrides.append(f"model.name={_adapter_base(adapter)}")
     cfg = load_config(cfg_path, overrides)
     preflight.check_inputs(preflight.config_inputs(cfg, data=False))  # a run's config may name a local model
     model, tokenizer = load_model_and_tokenizer(cfg)
@@ -88,6 +90,18 @@ def _load_for_inference(args):
         model = load_adapter(model, adapter)
     system = args.system if args.system is not None else cfg.data.system_prompt
     return model, tokenizer, system
+
+
+def _adapter_base(adapter: str) -> str:
+    """The base an adapter folder records (an embedded name for adapters trained on one), checked to exist."""
+    from tuneforge import preflight
+    from tuneforge.adapters.lora import adapter_base_model
+    base = adapter_base_model(adapter)
+    if base is None:
+        raise TuneforgeError(f"--adapter {adapter}: its adapter_config.json names no base model "
+                             "(base_model_name_or_path): pass --model")
+    preflight.check_inputs(preflight.model_inputs(f"--adapter {adapter}: its base model (pass --model)", base))
+    return base
 
 
 def cmd_generate(args) -> int:
@@ -134,9 +148,9 @@ def cmd_merge(args) -> int:
     from tuneforge.adapters.lora import merge_to_folder
     from tuneforge.config import load_config
     from tuneforge.run import load_model_and_tokenizer
-    preflight.check_inputs(preflight.model_inputs("--model", args.model)
+    preflight.check_inputs((preflight.model_inputs("--model", args.model) if args.model else [])
                            + [preflight.adapter_input("--adapter", args.adapter)])
-    cfg = load_config(None, [f"model.name={args.model}"])
+    cfg = load_config(None, [f"model.name={args.model or _adapter_base(args.adapter)}"])
     model, tokenizer = load_model_and_tokenizer(cfg)
     out = merge_to_folder(model, args.adapter, args.out, tokenizer)
     print(f"merged model written to {out}")
@@ -170,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("chat", cmd_chat, "chat with a model in the terminal")):
         g = sub.add_parser(name, help=helptext)
         g.add_argument("--run", help="a training output folder: its config, template handling and final weights")
-        g.add_argument("--model", help="model (embedded name, folder, .gguf, hub id); default smollm2")
+        g.add_argument("--model", help="model (embedded name, folder, .gguf, hub id); default: the --adapter's "
+                                       "recorded base, else smollm2")
         g.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
         g.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt)")
         g.add_argument("--max-new-tokens", type=int, default=128)
@@ -190,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full model folder")
-    m.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    m.add_argument("--model", help="the base model the adapter was trained on (default: the one it records)")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_merge)

@@ -108,7 +108,7 @@ def save_final(cfg: RunConfig, model, tokenizer) -> Path:
         with atomic_dir(out) as tmp:
             if cfg.lora.enabled:
                 from tuneforge.adapters.lora import save_adapter
-                save_adapter(model, tmp)
+                save_adapter(model, tmp, base_model=_adapter_base_name(cfg))
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -145,7 +145,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
     from tuneforge.train.loop import resolve_autocast
     print(f"compute: {device.type}, autocast {resolve_autocast(cfg.train.autocast, device)}, attention "
           f"{getattr(unwrap(model).config, '_attn_implementation', None)}", flush=True)
-    writer = (lambda d: _save_adapter_into(model, d)) if cfg.lora.enabled else None
+    writer = (lambda d: _save_adapter_into(model, d, _adapter_base_name(cfg))) if cfg.lora.enabled else None
     train_rows, eval_rows, collate_fn = batching(cfg, data, tokenizer)
     # config.yaml once start-up passed; a resumed run's once fit's resume checks accepted the checkpoint
     resuming = resume and latest_checkpoint(out_dir) is not None
@@ -168,9 +168,16 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
     return results
 
 
-def _save_adapter_into(model, folder: Path) -> None:
+def _save_adapter_into(model, folder: Path, base_model: str | None = None) -> None:
     from tuneforge.adapters.lora import save_adapter
-    save_adapter(model, Path(folder) / "adapter")
+    save_adapter(model, Path(folder) / "adapter", base_model=base_model)
+
+
+def _adapter_base_name(cfg: RunConfig) -> str | None:
+    """The embedded short name to record as an adapter's base (not this machine's cache path); else None, and
+    PEFT records the path or hub id the model was loaded from."""
+    from tuneforge.models.embedded import canonical_name
+    return canonical_name(cfg.model.name)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -2,8 +2,8 @@
 
 A spec is, in this order:
 1. an embedded short name ("smollm2", "minilm", ...; see `tuneforge.models.embedded`),
-2. an existing local path: an HF folder, or a `.gguf` file (converted once into the cache, keyed by path,
-   size and mtime),
+2. an existing local path: an HF folder, or a `.gguf` file (converted once into the cache, keyed by the
+   file's content hash),
 3. a hub id `org/name`, passed to `from_pretrained` (not tested here: no hub access on dev/CI machines).
 Anything else is a ModelLoadError naming the path.
 
