@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def _config(args, data: bool = True, extra_inputs=()):
 def cmd_train(args) -> int:
     from tuneforge.run import train
     cfg = _config(args)
-    results = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    command = shlex.join(["tuneforge", "train", args.config, *args.overrides])  # what reproduces the run
+    results = train(cfg, resume=args.resume, overwrite=args.overwrite, command=command)
     _print_comparison(results)
     return 0
 

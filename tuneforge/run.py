@@ -99,8 +99,10 @@ def _task_eval(cfg, model, tokenizer, records, label: str):
     return res
 
 
-def save_final(cfg: RunConfig, model, tokenizer) -> Path:
-    """output_dir/final: the adapter (PEFT format) for LoRA, a full model folder otherwise; plus tokenizer."""
+def save_final(cfg: RunConfig, model, tokenizer, results: dict | None = None) -> Path:
+    """output_dir/final: the adapter (PEFT format) for LoRA, a full model folder otherwise; plus tokenizer and
+    the model card (README.md, from the run's results so far)."""
+    from tuneforge.card import write_model_card
     from tuneforge.fsutil import atomic_dir
     from tuneforge.train.checkpoint import WRITE_ERRORS
     out = Path(cfg.train.output_dir) / "final"
@@ -112,13 +114,15 @@ def save_final(cfg: RunConfig, model, tokenizer) -> Path:
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg, results or {})  # in place of PEFT's blank template
     except WRITE_ERRORS as exc:  # a full disk: say so, and that the checkpoints still hold the run
         raise TuneforgeError(f"could not write {out}: {exc}; checkpoints in {out.parent / 'checkpoints'} are "
                              "intact, free space and run again with --resume") from exc
     return out
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command: str | None = None) -> dict:
+    """`command`: the command line that started the run, recorded in results.json and the model card."""
     from tuneforge.preflight import check_output_dir, record_run_config
     from tuneforge.train.checkpoint import latest_checkpoint
     out_dir = Path(cfg.train.output_dir)
@@ -128,7 +132,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
     data = prepare_data(cfg, tokenizer)
     print("data: " + json.dumps(data.stats), flush=True)
     gen_records = _generation_records(cfg, data)
-    results: dict = {"data": data.stats}
+    results: dict = {"data": data.stats, **({"command": command} if command else {})}
     if gen_records and cfg.eval.before and not resume:
         results["base"] = _task_eval(cfg, model, tokenizer, gen_records, "base")
     if cfg.lora.enabled:
@@ -161,9 +165,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
                         "train_seconds": round(fitted.train_seconds, 1), "interrupted": fitted.interrupted}
     if fitted.interrupted:
         return results
-    results["final_dir"] = str(save_final(cfg, model, tokenizer))
+    results["final_dir"] = str(save_final(cfg, model, tokenizer, results))
     if gen_records:
         results["tuned"] = _task_eval(cfg, model, tokenizer, gen_records, "tuned")
+        from tuneforge.card import write_model_card
+        write_model_card(results["final_dir"], cfg, results)  # now with the tuned model's numbers
     _write_json(out_dir / "results.json", results)
     return results
 
