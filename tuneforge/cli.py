@@ -12,12 +12,12 @@ from pathlib import Path
 from tuneforge.errors import TuneforgeError
 
 
-def _config(args, data: bool = True, extra_inputs=()):
+def _config(args, extra_inputs=()):
     """The run config, after every path the command will read (data, a local model, flags) is checked."""
     from tuneforge import preflight
     from tuneforge.config import load_config
     cfg = load_config(args.config, args.overrides)
-    preflight.check_inputs(preflight.config_inputs(cfg, data=data) + list(extra_inputs))
+    preflight.check_inputs(preflight.config_inputs(cfg) + list(extra_inputs))
     return cfg
 
 
