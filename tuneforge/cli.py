@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 
 
-def _config(args):
+def _config(args, extra_inputs=()):
+    """The run config, after every path the command will read (data, a local model, flags) is checked."""
+    from tuneforge import preflight
     from tuneforge.config import load_config
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    preflight.check_inputs(preflight.config_inputs(cfg) + list(extra_inputs))
+    return cfg
 
 
 def cmd_train(args) -> int:
     from tuneforge.run import train
     from tuneforge.train.distributed import is_main
     cfg = _config(args)
-    results = train(cfg, resume=args.resume)
+    command = shlex.join(["tuneforge", "train", args.config, *args.overrides])  # what reproduces the run
+    results = train(cfg, resume=args.resume, overwrite=args.overwrite, command=command)
     if is_main():
         _print_comparison(results)
     return 0
@@ -60,8 +67,14 @@ def cmd_data_inspect(args) -> int:
 
 def _load_for_inference(args):
     """Model, tokenizer and system prompt from --run (a training output folder) or --model/--adapter."""
+    from tuneforge import preflight
     from tuneforge.config import load_config
     from tuneforge.run import load_model_and_tokenizer
+    preflight.check_inputs(
+        ([preflight.run_input("--run", args.run)] if args.run else [])
+        + ([preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
+        + (preflight.model_inputs("--model", args.model) if args.model else [])
+        + ([preflight.Input("--file", args.file, kind="file")] if getattr(args, "file", None) else []))
     overrides, adapter = [], args.adapter
     cfg_path = None
     if args.run:
@@ -72,13 +85,28 @@ def _load_for_inference(args):
             overrides.append(f"model.name={Path(args.run) / 'final'}")
     if args.model:
         overrides.append(f"model.name={args.model}")
+    elif adapter and not args.run:
+        overrides.append(f"model.name={_adapter_base(adapter)}")
     cfg = load_config(cfg_path, overrides)
+    preflight.check_inputs(preflight.config_inputs(cfg, data=False))  # a run's config may name a local model
     model, tokenizer = load_model_and_tokenizer(cfg)
     if adapter:
         from tuneforge.adapters.lora import load_adapter
         model = load_adapter(model, adapter)
     system = args.system if args.system is not None else cfg.data.system_prompt
     return model, tokenizer, system
+
+
+def _adapter_base(adapter: str) -> str:
+    """The base an adapter folder records (an embedded name for adapters trained on one), checked to exist."""
+    from tuneforge import preflight
+    from tuneforge.adapters.lora import adapter_base_model
+    base = adapter_base_model(adapter)
+    if base is None:
+        raise TuneforgeError(f"--adapter {adapter}: its adapter_config.json names no base model "
+                             "(base_model_name_or_path): pass --model")
+    preflight.check_inputs(preflight.model_inputs(f"--adapter {adapter}: its base model (pass --model)", base))
+    return base
 
 
 def cmd_generate(args) -> int:
@@ -99,39 +127,35 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from tuneforge.eval.generation import generate
+    from tuneforge.repl import chat_loop
     model, tokenizer, system = _load_for_inference(args)
-    history: list[dict] = []
-    print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        if line == "/reset":
-            history = []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, [history], args.max_new_tokens, 1, system,
-                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0)[0]
-        history.append({"role": "assistant", "content": reply})
-        print(f"bot> {reply}")
+
+    def respond(conversation: list[dict]) -> str:
+        return generate(model, tokenizer, [conversation], args.max_new_tokens, 1, system,
+                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0)[0]
+
+    chat_loop(respond, keep_history=not args.no_history)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from tuneforge import preflight
     from tuneforge.run import evaluate
-    cfg = _config(args)
-    print(json.dumps(evaluate(cfg, adapter=args.adapter), indent=1, default=str))
+    cfg = _config(args, extra_inputs=[preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone (`tuneforge eval cfg | jq`)
+        result = evaluate(cfg, adapter=args.adapter)
+    print(json.dumps(result, indent=1, default=str))
     return 0
 
 
 def cmd_merge(args) -> int:
+    from tuneforge import preflight
     from tuneforge.adapters.lora import merge_to_folder
     from tuneforge.config import load_config
     from tuneforge.run import load_model_and_tokenizer
-    cfg = load_config(None, [f"model.name={args.model}"])
+    preflight.check_inputs((preflight.model_inputs("--model", args.model) if args.model else [])
+                           + [preflight.adapter_input("--adapter", args.adapter)])
+    cfg = load_config(None, [f"model.name={args.model or _adapter_base(args.adapter)}"])
     model, tokenizer = load_model_and_tokenizer(cfg)
     out = merge_to_folder(model, args.adapter, args.out, tokenizer)
     print(f"merged model written to {out}")
@@ -149,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model as a config describes")
     with_config(t)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in output_dir (its final/, results.json, checkpoints, logs)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="data tools")
@@ -163,11 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("chat", cmd_chat, "chat with a model in the terminal")):
         g = sub.add_parser(name, help=helptext)
         g.add_argument("--run", help="a training output folder: its config, template handling and final weights")
-        g.add_argument("--model", help="model (embedded name, folder, .gguf, hub id); default smollm2")
+        g.add_argument("--model", help="model (embedded name, folder, .gguf, hub id); default: the --adapter's "
+                                       "recorded base, else smollm2")
         g.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
         g.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt)")
         g.add_argument("--max-new-tokens", type=int, default=128)
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        if name == "chat":
+            g.add_argument("--no-history", action="store_true",
+                           help="answer each message alone (default: each reply sees the conversation so far)")
         if name == "generate":
             g.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
             g.add_argument("--file", help="one prompt per line")
@@ -180,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full model folder")
-    m.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    m.add_argument("--model", help="the base model the adapter was trained on (default: the one it records)")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_merge)

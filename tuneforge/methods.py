@@ -18,7 +18,8 @@ def _save_causal_lm(cfg, module, tokenizer, folder: Path) -> None:
     model = module.model
     if cfg.lora.enabled:
         from tuneforge.adapters.lora import save_adapter
-        save_adapter(model, folder)
+        from tuneforge.run import adapter_base_name
+        save_adapter(model, folder, base_model=adapter_base_name(cfg))
     else:
         model.save_pretrained(folder, safe_serialization=True)
 

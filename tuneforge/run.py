@@ -13,7 +13,6 @@ import random
 from pathlib import Path
 
 import torch
-import yaml
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import collate
@@ -121,8 +120,10 @@ def _task_eval_main(cfg, model, tokenizer, records, label: str):
     return res
 
 
-def save_final(cfg: RunConfig, module: TrainModule, tokenizer) -> Path:
-    """output_dir/final: what the method saves (an adapter, a model folder, ...), plus the tokenizer."""
+def save_final(cfg: RunConfig, module: TrainModule, tokenizer, results: dict | None = None) -> Path:
+    """output_dir/final: what the method saves (an adapter, a model folder, ...), plus the tokenizer and the
+    model card (README.md, from the run's results so far)."""
+    from tuneforge.card import write_model_card
     from tuneforge.fsutil import atomic_dir
     from tuneforge.train.checkpoint import WRITE_ERRORS
     out = Path(cfg.train.output_dir) / "final"
@@ -130,6 +131,7 @@ def save_final(cfg: RunConfig, module: TrainModule, tokenizer) -> Path:
         with atomic_dir(out) as tmp:
             method_of(cfg).save(cfg, module, tokenizer, tmp)
             tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg, results or {})  # in place of PEFT's blank template
     except WRITE_ERRORS as exc:  # a full disk: say so, and that the checkpoints still hold the run
         raise TuneforgeError(f"could not write {out}: {exc}; checkpoints in {out.parent / 'checkpoints'} are "
                              "intact, free space and run again with --resume") from exc
@@ -154,17 +156,19 @@ def _build_module(cfg: RunConfig, model) -> TrainModule:
     return TrainModule(model, heads(cfg, model) if heads else None)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
-    device = setup_runtime(cfg)
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command: str | None = None) -> dict:
+    """`command`: the command line that started the run, recorded in results.json and the model card."""
+    from tuneforge.preflight import check_output_dir, record_run_config
+    from tuneforge.train.checkpoint import latest_checkpoint
     out_dir = Path(cfg.train.output_dir)
     if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        check_output_dir(out_dir, resume, overwrite)  # a finished run is never overwritten without a choice
+    device = setup_runtime(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     data = prepare(cfg, tokenizer)
     say("data: " + json.dumps(data.stats))
     gen_records = method_of(cfg).generation_records(cfg, data)
-    results: dict = {"data": data.stats}
+    results: dict = {"data": data.stats, **({"command": command} if command else {})}
     if gen_records and cfg.eval.before and not resume:
         results["base"] = _task_eval_main(cfg, model, tokenizer, gen_records, "base")
     module = _build_module(cfg, model)
@@ -182,10 +186,17 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         results["eval_before"] = held_out_metrics(module, objective, held_out, collate_fn,
                                                   settings.micro_batch_size, autocast, device)
         say("before training: eval " + _format(results["eval_before"]))
-    writer = (lambda d: _save_adapter_into(module.model, d)) if cfg.lora.enabled else None
+    base_name = adapter_base_name(cfg)
+    writer = (lambda d: _save_adapter_into(module.model, d, base_name)) if cfg.lora.enabled else None
+    # config.yaml once start-up passed; a resumed run's once fit's resume checks accepted the checkpoint
+    resuming = resume and latest_checkpoint(out_dir) is not None
+    if not resuming and dist.is_main():
+        record_run_config(cfg, overwrite)
     fitted = fit(module, objective, train_rows, collate_fn, settings, eval_data=held_out, resume=resume,
                  extra_checkpoint_writer=writer, device=device,
                  group_by_length=cfg.data.group_by_length and not packed)
+    if resuming and dist.is_main():
+        record_run_config(cfg)
     results["train"] = {"steps": fitted.steps, "steps_this_run": fitted.steps_this_run,
                         "resumed_from": fitted.resumed_from, "final_loss": fitted.train_loss, "eval": fitted.eval,
                         "tokens_per_second": round(fitted.tokens_per_second, 1),
@@ -193,10 +204,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if fitted.interrupted:
         return results
     if dist.is_main():
-        results["final_dir"] = str(save_final(cfg, module, tokenizer))
+        results["final_dir"] = str(save_final(cfg, module, tokenizer, results))
     dist.barrier()
     if gen_records:
         results["tuned"] = _task_eval_main(cfg, module.model, tokenizer, gen_records, "tuned")
+        if dist.is_main():
+            from tuneforge.card import write_model_card
+            write_model_card(results["final_dir"], cfg, results)  # now with the tuned model's numbers
     if dist.is_main():
         _write_json(out_dir / "results.json", results)
     return results
@@ -206,9 +220,16 @@ def _format(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
-def _save_adapter_into(model, folder: Path) -> None:
+def _save_adapter_into(model, folder: Path, base_model: str | None = None) -> None:
     from tuneforge.adapters.lora import save_adapter
-    save_adapter(model, Path(folder) / "adapter")
+    save_adapter(model, Path(folder) / "adapter", base_model=base_model)
+
+
+def adapter_base_name(cfg: RunConfig) -> str | None:
+    """The embedded short name to record as an adapter's base (not this machine's cache path); else None, and
+    PEFT records the path or hub id the model was loaded from."""
+    from tuneforge.models.embedded import canonical_name
+    return canonical_name(cfg.model.name)
 
 
 def _write_json(path: Path, obj) -> None:

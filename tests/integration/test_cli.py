@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -54,3 +57,16 @@ def test_train_generate_and_merge(tmp_path, tiny_model_dir, capsys):
     ids = torch.tensor([[3, 8, 20, 7]])
     torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
     assert (merged / "tokenizer_config.json").exists() or (merged / "tokenizer.json").exists()
+
+
+def test_eval_stdout_is_the_json_alone(tmp_path, tiny_model_dir):
+    """`tuneforge eval cfg | jq` works: the human lines (task accuracy) go to stderr."""
+    data = write_instruction_data(tmp_path / "d.jsonl", n=8)
+    held_out = write_instruction_data(tmp_path / "held_out.jsonl", n=3, seed=1)
+    cfg = _config(tmp_path, tiny_model_dir, data, "eval: {generate: true, max_new_tokens: 4}\n")
+    r = subprocess.run([sys.executable, "-m", "tuneforge", "eval", cfg, f"data.eval={held_out}"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert set(result) == {"loss", "task"} and result["task"]["n"] == 3
+    assert "[model] held-out task accuracy" in r.stderr

@@ -40,7 +40,7 @@ def test_two_ranks_train_what_one_rank_trains(method, tiny_model_dir, tmp_path):
                   if ranks == 2 else [sys.executable, "-m", "tuneforge"])
         done = _run(launch + ["train", str(yaml_path)], tmp_path)
         runs[ranks] = (out, done.stdout)
-    (one, out1), (two, out2) = runs[1], runs[2]
+    (one, _), (two, out2) = runs[1], runs[2]
     assert "compute: cpu x 2" in out2 and out2.count("trained 4 steps") == 1  # rank 0 alone prints
     losses1, losses2 = _train_losses(one), _train_losses(two)
     assert len(losses1) == len(losses2) == 4

@@ -122,7 +122,7 @@ def test_gguf_cache_converts_once_and_atomically(tmp_path, tiny_model_dir, monke
     assert folder.parent == cache and folder.name.startswith("Model.Q4-") and tok.chat_template
     load_causal_lm(str(gguf), cache_dir=cache)
     assert len(calls) == 1  # second load came from the cache
-    os.utime(gguf, ns=(1, 1))  # "new" file: different cache key; old folder left alone
+    gguf.write_bytes(b"GGUF fake, edited")  # new bytes: different cache key; old folder left alone
     new_folder = embedded.gguf_cache_folder(gguf, cache)
     assert new_folder != folder
     embedded.ensure_gguf_converted(gguf, new_folder)
@@ -130,7 +130,51 @@ def test_gguf_cache_converts_once_and_atomically(tmp_path, tiny_model_dir, monke
     (new_folder / embedded.SOURCE_MARKER).write_text("{}")  # stale marker -> reconvert, which crashes
     with pytest.raises(RuntimeError, match="crash"):
         embedded.ensure_gguf_converted(gguf, new_folder)
-    assert sorted(p.name for p in cache.iterdir()) == sorted([folder.name, new_folder.name])  # no temp dirs
+    assert sorted(p.name for p in cache.iterdir()) == sorted([folder.name, new_folder.name, embedded.HASH_MEMO])
+
+
+def test_gguf_cache_key_is_the_files_content(tmp_path, monkeypatch):
+    """Two copies of the same bytes (two checkouts, two venvs) share one conversion; other bytes do not; and a
+    file is hashed once, its hash remembered by (device, inode, size, mtime) next to the cache."""
+    cache = tmp_path / "cache"
+    a, b = tmp_path / "venv1" / "Model.gguf", tmp_path / "venv2" / "Model.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF same bytes" * 1000)
+    hashed = []
+    real = embedded._sha256_file
+    monkeypatch.setattr(embedded, "_sha256_file", lambda path: hashed.append(path) or real(path))
+    assert embedded.gguf_cache_folder(a, cache) == embedded.gguf_cache_folder(b, cache)
+    assert len(hashed) == 2  # each file once
+    embedded.gguf_cache_folder(a, cache)
+    embedded.gguf_cache_folder(b, cache)
+    assert len(hashed) == 2  # later starts read the remembered hash, not the file
+    b.write_bytes(b"GGUF other bytes" * 1000)
+    assert embedded.gguf_cache_folder(a, cache) != embedded.gguf_cache_folder(b, cache)
+    assert len(hashed) == 3 and (cache / embedded.HASH_MEMO).is_file()
+
+
+def test_embedded_model_converts_once_for_two_checkouts(tmp_path, tiny_model_dir, monkeypatch):
+    """The embedded GGUF found in another venv's site-packages (same bytes) reuses the first conversion."""
+    copies = []
+    for venv in ("venv1", "venv2"):
+        path = tmp_path / venv / embedded.EMBEDDED["smollm2-135m-instruct"].relpath
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF embedded" * 1000)
+        copies.append(path)
+    calls = []
+
+    def fake_convert(src, out):
+        calls.append(src)
+        for name in os.listdir(tiny_model_dir):
+            (out / name).write_bytes(open(os.path.join(tiny_model_dir, name), "rb").read())
+    monkeypatch.setattr(embedded, "convert_gguf", fake_convert)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(embedded, "package_path", lambda model: copies[0])
+    first = embedded.resolve_embedded("smollm2", cache)
+    monkeypatch.setattr(embedded, "package_path", lambda model: copies[1])
+    assert embedded.resolve_embedded("smollm2", cache) == first and len(calls) == 1
+    assert first.name.startswith("smollm2-135m-instruct-")
 
 
 def test_missing_package_hint(monkeypatch):

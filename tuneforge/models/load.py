@@ -2,8 +2,8 @@
 
 A spec is, in this order:
 1. an embedded short name ("smollm2", "minilm", ...; see `tuneforge.models.embedded`),
-2. an existing local path: an HF folder, or a `.gguf` file (converted once into the cache, keyed by path,
-   size and mtime),
+2. an existing local path: an HF folder, or a `.gguf` file (converted once into the cache, keyed by the
+   file's content hash),
 3. a hub id `org/name`, passed to `from_pretrained` (not tested here: no hub access on dev/CI machines).
 Anything else is a ModelLoadError naming the path.
 
@@ -47,6 +47,15 @@ def resolve_spec(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     known = ", ".join(sorted([*embedded.EMBEDDED, *embedded.ALIASES]))
     raise ModelLoadError(f"{text}: no such file or folder (and not an embedded model name: {known}; "
                          f"nor a hub id of the form org/name)")
+
+
+def looks_like_path(spec: str | os.PathLike) -> bool:
+    """True when `spec` can only mean a local path: not an embedded name, and not of the hub's `org/name`
+    form (or a .gguf name, never a hub id). Such a spec must exist; commands check that before loading."""
+    text = os.fspath(spec)
+    if embedded.canonical_name(text) is not None:
+        return False
+    return not _HUB_ID.match(text) or Path(text).suffix.lower() == ".gguf"
 
 
 def check_weights_folder(folder: str | os.PathLike) -> None:
