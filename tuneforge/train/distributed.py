@@ -102,8 +102,13 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     in every forward would make an uneven number of evaluation batches across ranks hang."""
     if world_size() == 1:
         return module
+    import inspect
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # the buffer switch was renamed in newer torch; the buffers are constants, syncing them once at init is fine
+    new_name = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    return ddp(module, device_ids=ids, **no_buffer_sync)
 
 
 def sync_context(module: torch.nn.Module, sync: bool):
