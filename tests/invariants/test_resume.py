@@ -5,27 +5,31 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.runs import make_config, write_instruction_data
-from tuneforge.objectives.sft import SFTObjective
+from helpers.runs import make_config, method_config, write_instruction_data
+from tuneforge.methods import METHODS
 from tuneforge.run import train
 from tuneforge.train.checkpoint import list_checkpoints
 
 
-class _InterruptAfter(SFTObjective):
-    """Sends SIGINT to this process during step `n`: the loop must finish the step, save and stop."""
+class _InterruptAfter:
+    """The method's own objective, sending SIGINT to this process during step `n`: the loop must finish the
+    step, save and stop."""
 
-    def __init__(self, n):
-        super().__init__()
-        self.n, self.calls = n, 0
+    def __init__(self, inner, n):
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def prepare(self, module, micro_batches):
         self.calls += 1
         if self.calls == self.n:
             os.kill(os.getpid(), signal.SIGINT)
-        return super().prepare(module, micro_batches)
+        return self.inner.prepare(module, micro_batches)
 
 
 def _final_weights(run, lora):
@@ -35,35 +39,29 @@ def _final_weights(run, lora):
 
 def _run_with_interrupt(monkeypatch, cfg, n):
     import tuneforge.run as run_mod
-    monkeypatch.setattr(run_mod, "make_objective", lambda cfg: _InterruptAfter(n))
+    real = run_mod.make_objective
+    monkeypatch.setattr(run_mod, "make_objective", lambda c: _InterruptAfter(real(c), n))
     res = train(cfg)
     monkeypatch.undo()
     return res
 
 
-def _check(tiny_model_dir, tmp_path, monkeypatch, lora):
-    data = write_instruction_data(tmp_path / "d.jsonl")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_is_bit_identical(method, lora, tiny_model_dir, tmp_path, monkeypatch):
     # LoRA dropout > 0: the resumed run must also restore the RNG to draw the same dropout masks
     kw = dict(max_steps=7, save_every=100, warmup_steps=2, lora=lora, lora_dropout=0.1 if lora else 0.0)
-    train(make_config(tiny_model_dir, data, tmp_path / "straight", **kw))
-    stopped = make_config(tiny_model_dir, data, tmp_path / "resumed", **kw)
-    res = _run_with_interrupt(monkeypatch, stopped, 3)
+    config = lambda name: method_config(method, tiny_model_dir, tmp_path / "data", tmp_path / name, **kw)  # noqa: E731
+    train(config("straight"))
+    res = _run_with_interrupt(monkeypatch, config("resumed"), 3)
     assert res["train"]["interrupted"] and res["train"]["steps"] == 3
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000003"]
-    resumed = train(make_config(tiny_model_dir, data, tmp_path / "resumed", **kw), resume=True)
-    assert resumed["train"]["steps"] == 7
+    resumed = train(config("resumed"), resume=True)
+    assert resumed["train"]["steps"] == 7 and resumed["train"]["steps_this_run"] == 4
     a, b = _final_weights(tmp_path / "straight", lora), _final_weights(tmp_path / "resumed", lora)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-
-def test_resume_is_bit_identical_full(tiny_model_dir, tmp_path, monkeypatch):
-    _check(tiny_model_dir, tmp_path, monkeypatch, lora=False)
-
-
-def test_resume_is_bit_identical_lora(tiny_model_dir, tmp_path, monkeypatch):
-    _check(tiny_model_dir, tmp_path, monkeypatch, lora=True)
 
 
 def test_resume_refuses_a_changed_run(tiny_model_dir, tmp_path, monkeypatch):
