@@ -106,10 +106,12 @@ def batching(cfg: RunConfig, data, tokenizer, packed: bool):
 
 def _task_eval(cfg, model, tokenizer, records, label: str):
     from tuneforge.eval.task import task_accuracy
-    e = cfg.eval
+    import time
+    e, t0 = cfg.eval, time.perf_counter()
     res = task_accuracy(model, tokenizer, records, e.max_new_tokens, e.batch_size, cfg.data.system_prompt, e.limit)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"[{label}] held-out task accuracy: exact {res['exact']:.1%}, lenient {res['lenient']:.1%} "
-          f"(n={res['n']})", flush=True)
+          f"(n={res['n']}, {res['seconds']} s)", flush=True)
     return res
 
 

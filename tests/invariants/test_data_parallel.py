@@ -55,3 +55,11 @@ def test_two_ranks_train_what_one_rank_trains(method, tiny_model_dir, tmp_path):
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert json.loads((two / "results.json").read_text())["train"]["steps"] == 4
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_by_every_rank(tiny_model_dir, tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", worker,
+                 str(tiny_model_dir), str(tmp_path)], tmp_path)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"skipped": [0, 1, 0, 0], "same_weights": True, "finite": True}
