@@ -55,3 +55,15 @@ def test_bad_yaml_names_the_file(tmp_path):
     bad.write_text("train:\n  epochs: -1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml, key train.epochs"):
         load_config(str(bad))
+
+
+def test_a_method_section_for_another_method_is_an_error():
+    import pytest
+
+    from tuneforge.config.load import config_from_dict
+    from tuneforge.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"dpo\.\* is set, but the dpo section is read by method dpo, not by "
+                                          r"method sft") as info:
+        config_from_dict({"method": "sft", "dpo": {"beta": 0.2}})
+    assert "Value error" not in str(info.value)
+    assert config_from_dict({"method": "sft", "dpo": {"beta": 0.1}}).dpo.beta == 0.1  # the default: a saved config

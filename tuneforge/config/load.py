@@ -78,7 +78,8 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise ConfigError(f"{err['msg']}{more}", key=key or None, source=source) from None
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper around our own checks
+        raise ConfigError(f"{message}{more}", key=key or None, source=source) from None
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:

@@ -200,8 +200,9 @@ class RunConfig(Section):
         for section, methods in SECTION_METHODS.items():
             value = getattr(self, section)
             if self.method not in methods and value != type(value)():  # a saved config holds the defaults
-                raise ValueError(f"the {section} section is read by method {' or '.join(methods)}, not by "
-                                 f"method {self.method}: remove it or change the method")
+                raise ValueError(f"{section}.* is set, but the {section} section is read by method "
+                                 f"{' or '.join(methods)}, not by method {self.method}: remove it or change the "
+                                 "method")
         if self.train.lr is None:
             full, lora, _ = METHOD_DEFAULTS[self.method]
             self.train.lr = lora if self.lora.enabled else full
