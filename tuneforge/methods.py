@@ -44,6 +44,11 @@ def _clm_objective(cfg):
     return CausalLMObjective()
 
 
+def _dpo_objective(cfg):
+    from tuneforge.objectives.dpo import make_dpo
+    return make_dpo(cfg)
+
+
 @dataclass(frozen=True)
 class Method:
     builder: str  # data builder name
@@ -56,6 +61,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "clm": Method("text_blocks", _clm_objective, _no_generation_records, _save_causal_lm),
     "sft": Method("chat", _sft_objective, _chat_generation_records, _save_causal_lm),
+    "dpo": Method("preference", _dpo_objective, _no_generation_records, _save_causal_lm),
 }
 
 

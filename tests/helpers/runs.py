@@ -30,6 +30,18 @@ def write_chat_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
+def write_preference_data(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """Sums with a checkable preference: the chosen answer is right, the rejected one is off by 1 to 3."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+            f.write(json.dumps({"prompt": f"Add {a} and {b}.", "chosen": f"The sum is {a + b}.",
+                                "rejected": f"The sum is {wrong}."}) + "\n")
+    return path
+
+
 def write_text_data(folder: Path, docs: int = 12, seed: int = 0) -> Path:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,12 +75,32 @@ def write_config_yaml(cfg, path: Path) -> Path:
 DATA_WRITERS = {
     "chat": lambda folder: write_chat_data(folder / "chat.jsonl"),
     "text_blocks": lambda folder: write_text_data(folder / "docs"),
+    "preference": lambda folder: write_preference_data(folder / "prefs.jsonl"),
 }
+
+
+# Settings a method needs in every test run: DPO's reference is the base with the adapter disabled, so it
+# trains a LoRA adapter.
+METHOD_SETUP = {"dpo": {"lora": True}}
+
+
+def load_for_method(method: str, model_dir):
+    """The tiny model and tokenizer as a run of `method` trains them (with its LoRA adapter if it needs one)."""
+    import torch
+
+    from tuneforge.models.load import load_causal_lm
+    model, tok = load_causal_lm(str(model_dir))
+    if METHOD_SETUP.get(method, {}).get("lora"):
+        from tuneforge.adapters.lora import apply_lora
+        torch.manual_seed(0)
+        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    return model, tok
 
 
 def method_config(method: str, model_dir, data_folder: Path, out, **kw):
     """A config for `method` on its builder's test data (written once per folder: the file's time is part
     of the token cache key)."""
+    kw = {**METHOD_SETUP.get(method, {}), **kw}
     from tuneforge.methods import METHODS
     builder = METHODS[method].builder
     target = data_folder / builder

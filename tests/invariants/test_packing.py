@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers.runs import make_config, method_config, read_metrics, update_sums, write_chat_data, write_instruction_data
+from helpers.runs import load_for_method, make_config, method_config, read_metrics, update_sums, write_chat_data, write_instruction_data
 from tuneforge.data.collate import collate
 from tuneforge.run import prepare
 from tuneforge.data.packing import PackedExamples, collate_packed, pack_bins
@@ -33,7 +33,7 @@ def _loss_and_grads(model, batches):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_packed_equals_unpacked(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
-    model, tok = load_causal_lm(str(tiny_model_dir))
+    model, tok = load_for_method(method, tiny_model_dir)
     examples = prepare(cfg, tok).train[:12]
     packed = PackedExamples(examples, capacity=160)  # several examples share a row
     rows = [packed[i] for i in range(len(packed))]

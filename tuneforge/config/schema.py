@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["clm", "sft"]  # later: contrastive, reward, dpo, ppo, grpo
+Method = Literal["clm", "sft", "dpo"]  # later: contrastive, reward, ppo, grpo, rloo
 
 
 class Section(BaseModel):
@@ -181,7 +181,13 @@ METHOD_DEFAULTS = {
     # method: (lr full, lr lora, unit the loss averages over)
     "clm": (2e-5, 2e-4, "tokens"),
     "sft": (1e-5, 2e-4, "tokens"),
+    # DPO moves a model that is already good: small steps (TRL's default 1e-6 for full; LoRA a few times more)
+    "dpo": (1e-6, 2e-5, "pairs"),
 }
+
+
+# The data kind a method reads when data.kind is auto (others detect it record by record).
+DEFAULT_DATA_KIND = {"clm": "text", "dpo": "preference"}
 
 
 class RunConfig(Section):
@@ -206,8 +212,8 @@ class RunConfig(Section):
         if self.train.lr is None:
             full, lora, _ = METHOD_DEFAULTS[self.method]
             self.train.lr = lora if self.lora.enabled else full
-        if self.method == "clm" and self.data.kind == "auto":
-            self.data.kind = "text"
+        if self.data.kind == "auto" and self.method in DEFAULT_DATA_KIND:
+            self.data.kind = DEFAULT_DATA_KIND[self.method]
         return self
 
     @property

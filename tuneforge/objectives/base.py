@@ -42,6 +42,9 @@ class Objective:
     unit = "tokens"
     updates_per_batch = 1
 
+    def start(self, module, resumed: bool) -> None:
+        """Called once when training starts (after a resume's restore), before the first batch."""
+
     def prepare(self, module, micro_batches: list[dict]) -> list[list[dict]]:
         """One batch of data -> the updates it yields, each a list of micro-batches."""
         return [micro_batches]

@@ -46,3 +46,34 @@ def masked_next_token_loss(module, batch: dict, chunk_size: int = 1024) -> tuple
         return fused_nll_sum(picked, head.weight, targets, chunk_size)
 
     return forward(module, batch, head_fn), int(targets.numel())
+
+
+def sequence_logps(module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each sequence's supervised tokens (S,) and how many there are (S,), for a batch of
+    multi-sequence examples (`sequence_ids`: each token's sequence, -1 on padding). Differentiable when the
+    module trains; only supervised positions reach the output head, through the chunked path."""
+    from tuneforge.objectives.logprobs import sequence_logprobs, token_logprobs
+    select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
+    segments = batch["sequence_ids"][:, 1:][select]  # (N,): the sequence each predicted token belongs to
+    n_seq = int(batch["sequence_role"].numel())
+
+    def head_fn(hidden, tm):
+        logps, _ = token_logprobs(hidden[:, :-1][select], tm.output_head.weight, targets, chunk_size)
+        return sequence_logprobs(logps, segments, n_seq)
+
+    counts = torch.zeros(n_seq, dtype=torch.float32, device=segments.device).index_add_(
+        0, segments, torch.ones_like(segments, dtype=torch.float32))
+    return forward(module, batch, head_fn), counts
+
+
+def pair_index(batch: dict, roles: tuple[str, ...] = ("chosen", "rejected")) -> tuple[torch.Tensor, ...]:
+    """For each example of the batch, the index of its sequence of each role: one (P,) tensor per role."""
+    example, role = batch["sequence_example"], batch["sequence_role"]
+    n = int(example.max()) + 1 if example.numel() else 0
+    out = []
+    for r in range(len(roles)):
+        idx = torch.full((n,), -1, dtype=torch.long, device=example.device)
+        mine = role == r
+        idx[example[mine]] = torch.nonzero(mine).flatten()
+        out.append(idx)
+    return tuple(out)

@@ -124,6 +124,7 @@ def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool =
     result = FitResult(steps=step, train_loss=None, resumed_from=step)
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
     seen_tokens, t_start, row = 0, time.perf_counter(), {}
+    objective.start(module, resumed=step > 0)
     with _StopFlag() as stop:
         while step < total:
             batches = [dict(to_device(collate([train_data[i] for i in idx])), is_real=real)

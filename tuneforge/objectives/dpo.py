@@ -1,0 +1,96 @@
+"""Direct preference optimisation and its relatives (`method: dpo`, `dpo.loss` picks the variant).
+
+Per pair the policy's and the reference's summed log-probs of the chosen and the rejected answer go into a
+pure loss function (preference_losses.py, each citing its paper and equation). Both answers of a batch run
+through ONE forward pass (padded one sequence per row, or packed into shared rows), through the logits-free
+path (only answer positions reach the output head, in chunks).
+
+The reference: under LoRA it is the base with the adapter disabled, the same weights in memory (no second
+copy); it runs without gradients on the same batch. Variants without a reference (simpo, orpo) skip it.
+At the start of a fresh run policy and reference are the same model (LoRA's B is zero), so every pair's
+log-ratio is zero and the sigmoid loss is exactly ln 2: the first batch checks that, and a run whose
+reference is wrong (a policy read as its own reference, a stale adapter, a different base) stops there,
+before it costs a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.models.heads import train_module
+from tuneforge.objectives.base import LossOutput, Objective
+from tuneforge.objectives.functional import pair_index, sequence_logps
+from tuneforge.objectives.preference_losses import REFERENCE_FREE, preference_loss
+
+
+def _adapter_disabled(tm):
+    """The base model's forward: PEFT's context with the adapter off."""
+    model = tm.model
+    if not hasattr(model, "disable_adapter"):
+        raise TuneforgeError("method dpo needs a reference model: train with lora.enabled=true (the reference is "
+                             "the base with the adapter disabled), or use dpo.loss simpo or orpo, which need none")
+    return model.disable_adapter()
+
+
+class DPOObjective(Objective):
+    unit = "pairs"
+
+    def __init__(self, variant: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                 simpo_gamma: float = 0.5, chunk_size: int = 1024):
+        self.variant, self.chunk_size = variant, chunk_size
+        self.params = {"beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma}
+        self.needs_reference = variant not in REFERENCE_FREE
+        self._check_start = False
+
+    def start(self, module, resumed: bool) -> None:
+        self._check_start = self.needs_reference and not resumed
+
+    @torch.no_grad()
+    def reference_logps(self, module, batch: dict) -> torch.Tensor:
+        tm = train_module(module)  # no DDP forward: nothing here is back-propagated
+        with _adapter_disabled(tm):
+            logps, _ = sequence_logps(tm, batch, self.chunk_size)
+        return logps
+
+    def loss(self, module, batch: dict) -> LossOutput:
+        logps, counts = sequence_logps(module, batch, self.chunk_size)  # (S,)
+        chosen, rejected = pair_index(batch)  # (P,) each
+        ref = self.reference_logps(module, batch) if self.needs_reference else None
+        if self._check_start:
+            self._check_reference(logps.detach(), ref)
+        terms = preference_loss(
+            self.variant, logps[chosen], logps[rejected],
+            ref[chosen] if ref is not None else None, ref[rejected] if ref is not None else None,
+            chosen_lengths=counts[chosen], rejected_lengths=counts[rejected], **self.params)
+        pairs = float(chosen.numel())
+        margin = terms.chosen_rewards - terms.rejected_rewards
+        metrics = {
+            "rewards/chosen": (float(terms.chosen_rewards.sum()), pairs),
+            "rewards/rejected": (float(terms.rejected_rewards.sum()), pairs),
+            "rewards/margin": (float(margin.sum()), pairs),
+            "rewards/accuracy": (float((margin > 0).float().sum()), pairs),
+            "logps/chosen": (float(logps[chosen].detach().sum()), pairs),
+            "logps/rejected": (float(logps[rejected].detach().sum()), pairs),
+        }
+        return LossOutput(terms.losses.sum(), pairs, metrics)
+
+    def _check_reference(self, policy: torch.Tensor, ref: torch.Tensor) -> None:
+        """At the start policy == reference; every pair's loss is then the variant's value at zero log-ratio
+        (ln 2 for sigmoid). Checked on the first batch only."""
+        self._check_start = False
+        gap = float((policy - ref).abs().max()) if policy.numel() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 1.0
+        if gap > 1e-4 * max(1.0, scale):
+            raise TuneforgeError(
+                f"DPO reference check at step 0: policy and reference log-probs differ by up to {gap:.3g} "
+                "(they must coincide before training, which makes the sigmoid loss exactly ln 2). The reference "
+                "is not the model being trained: check model.name, and that no adapter was loaded before "
+                "training; nothing was trained")
+
+
+def make_dpo(cfg) -> DPOObjective:
+    d = cfg.dpo
+    return DPOObjective(d.loss, d.beta, d.label_smoothing, d.simpo_gamma)
