@@ -35,7 +35,8 @@ def test_packed_equals_unpacked(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_for_method(method, tiny_model_dir)
     examples = prepare(cfg, tok).train[:12]
-    packed = PackedExamples(examples, capacity=160)  # several examples share a row
+    capacity = max(160, 2 * max(len(e) for e in examples))  # several examples share a row
+    packed = PackedExamples(examples, capacity=capacity)
     rows = [packed[i] for i in range(len(packed))]
     assert len(packed) < len(examples)
     loss_p, count_p, grads_p = _loss_and_grads(model, [collate_packed(rows, tok.pad_token_id)])

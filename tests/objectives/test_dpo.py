@@ -53,8 +53,19 @@ def test_dpo_without_lora_says_what_to_do(tiny_model_dir, tmp_path):
 
 
 def test_dpo_learns_the_preference_on_held_out_pairs(tiny_model_dir, tmp_path):
-    cfg = _config(tiny_model_dir, tmp_path, max_steps=20, lr=5e-3)
-    cfg.data.eval_fraction, cfg.eval.loss = 0.25, True
+    """A preference a 2-layer random model can pick up (a random one cannot learn sums): answers opening with
+    "Yes" are preferred to answers opening with "No"."""
+    import json
+    import random
+    rng, path = random.Random(1), tmp_path / "yes_no.jsonl"
+    with open(path, "w") as f:
+        for _ in range(48):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"Add {a} and {b}.", "chosen": f"Yes, {a + b}.",
+                                "rejected": f"No, {a + b}."}) + "\n")
+    from helpers.runs import make_config
+    cfg = make_config(tiny_model_dir, path, tmp_path / "run", method="dpo", lora=True, max_steps=12, lr=1e-2)
+    cfg.data.eval_fraction, cfg.eval.loss, cfg.dpo.beta = 0.25, True, 0.5
     res = train(cfg)
     before, after = res["eval_before"], res["train"]["eval"]
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-5)
