@@ -10,9 +10,13 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.runs import make_config
 
 from tuneforge.data.builders import BuildStats, PreferenceBuilder
 from tuneforge.data.chat import render
+from tuneforge.data.collate import collate
+from tuneforge.data.dataset import prepare_data
+from tuneforge.data.packing import PackedExamples, collate_packed
 from tuneforge.data.readers import read_records
 from tuneforge.data.records import Message, PreferenceRecord, Source
 from tuneforge.data.split import record_key
@@ -220,3 +224,53 @@ def test_a_conversational_prompt_longer_than_max_length_is_dropped_and_counted(t
                            doc_separator=None)
     PreferenceBuilder(tok, data, writer, stats).add(PreferenceRecord("x", "a", "b", Source("p.jsonl", 3), msgs))
     assert not writer and stats.dropped_too_long == 1
+
+
+# ------------------------------------------------------------------------------------------ margin in batches
+
+def _rows(n=8):
+    # every other pair without a margin; the others with scores or a margin, all different
+    rows = []
+    for i in range(n):
+        row = {"chosen": [U(f"Add {i} and {i + 1}."), A(f"The sum is {2 * i + 1}.")],
+               "rejected": [U(f"Add {i} and {i + 1}."), A("I do not know" + "!" * (i % 4))]}
+        if i % 2:
+            row.update({"score_chosen": 10.0, "score_rejected": 10.0 - i} if i % 4 == 1 else {"margin": i / 4})
+        rows.append(row)
+    return rows
+
+
+def _expected_margin(tok, seq) -> float:
+    """The margin of the row a chosen sequence came from, found by its answer text (not through the cache)."""
+    answer = tok.decode([t for t, m in zip(seq.input_ids, seq.loss_mask) if m])
+    i = next(i for i in range(8) if answer == f"The sum is {2 * i + 1}.<|im_end|>")
+    return 0.0 if i % 2 == 0 else (float(i) if i % 4 == 1 else i / 4)
+
+
+def test_margin_reaches_padded_and_packed_batches(tmp_path, tiny_model_dir, tiny_tokenizer):
+    path = jsonl(tmp_path, _rows())
+    cfg = make_config(tiny_model_dir, path, tmp_path / "run")
+    cfg.data.eval_fraction = 0.0
+    data = prepare_data(cfg, tiny_tokenizer, "preference")
+    examples = [data.train[i] for i in range(len(data.train))]
+    assert len(examples) == 8
+    pad = tiny_tokenizer.pad_token_id
+    padded = collate(examples, pad)
+    assert padded["margin"].shape == (8,) and padded["margin"].dtype.is_floating_point
+    packed_rows = PackedExamples(data.train, 3 * max(len(ex) for ex in examples))
+    rows = [packed_rows[i] for i in range(len(packed_rows))]
+    packed = collate_packed(rows, pad)
+    assert len(rows) < len(examples) and packed["margin"].shape == (8,)
+    for batch, order in ((padded, examples), (packed, [ex for row in rows for ex in row])):
+        chosen = [s for s in range(len(batch["sequence_role"])) if batch["sequence_role"][s] == 0]
+        for s in chosen:
+            e = int(batch["sequence_example"][s])
+            assert float(batch["margin"][e]) == pytest.approx(_expected_margin(tiny_tokenizer, order[e]["chosen"]))
+    assert sorted(padded["margin"].tolist()) == sorted(packed["margin"].tolist()) == sorted(
+        [0.0] * 4 + [1.0, 0.75, 5.0, 1.75])
+
+
+def test_pair_batches_carry_no_margin(tmp_path, tiny_model_dir, tiny_tokenizer):
+    path = jsonl(tmp_path, [{"anchor": f"q {i}", "positive": f"a {i}"} for i in range(3)], "pairs.jsonl")
+    data = prepare_data(make_config(tiny_model_dir, path, tmp_path / "run"), tiny_tokenizer, "pair")
+    assert "margin" not in collate([data.train[i] for i in range(len(data.train))], tiny_tokenizer.pad_token_id)
