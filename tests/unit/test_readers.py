@@ -473,14 +473,3 @@ def test_chat_content_part_errors_name_the_part(tmp_path, row, field, words):
 def test_image_part_error_says_only_text_is_read(tmp_path):
     error = error_of(jsonl(tmp_path, [message_rows([{"type": "image_url", "image_url": {"url": "u"}}], "user")]))
     assert "only text parts" in str(error)
-
-
-@pytest.mark.parametrize("name", ["chosen", "rejected"])
-def test_preference_answers_as_messages_are_refused_by_field(tmp_path, name):
-    """chosen/rejected are answer strings; conversational preference data (lists of messages, or of content
-    parts) is not read yet, and says so instead of failing later."""
-    row = {"prompt": "p", "chosen": "a", "rejected": "b",
-           name: [{"role": "assistant", "content": text_parts("a list")}]}
-    error = error_of(jsonl(tmp_path, [row]), "preference")
-    assert error.field == name and error.line == 1
-    assert "expected a string, got list" in str(error) and "lists of messages are not supported" in str(error)

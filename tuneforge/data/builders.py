@@ -8,7 +8,8 @@ then `add(record)` per record and `close()` at the end. Its class attributes say
 
   text_blocks  TextRecord          documents joined by the document separator, cut into blocks (clm)
   chat         instruction, chat   the conversation rendered once, loss on the assistant turns (sft)
-  preference   PreferenceRecord    chosen and rejected: prompt + answer each, loss on the answer + end of turn
+  preference   PreferenceRecord    chosen and rejected: prompt + answer each, loss on the answer + end of turn;
+                                   the pair's margin kept as text
   pair         PairRecord          anchor, positive, negatives as plain text for an embedder, all tokens pooled
   prompt       PromptRecord        the prompt with the generation prompt, no answer; the reference text kept
 
@@ -67,10 +68,12 @@ def _encode(tokenizer, text: str, **kwargs) -> list[int]:
     return tokenizer(text, verbose=False, **kwargs)["input_ids"]
 
 
-def _prompt_turns(prompt: str, system_prompt: str | None) -> list[dict]:
-    """The messages before the answer: [system], user. Derived by chat.prompt_messages from a one-exchange
-    conversation, so the system prompt is applied exactly as for sft (and for generation)."""
-    return prompt_messages(ChatRecord([Message("user", prompt), Message("assistant", "")]), system_prompt)
+def _prompt_turns(prompt: str | list[Message], system_prompt: str | None) -> list[dict]:
+    """The messages before the answer: [system], user (a prompt string), or the prompt's own messages. Derived
+    by chat.prompt_messages from the conversation with an empty answer, so the system prompt is applied
+    exactly as for sft (and for generation)."""
+    turns = [Message("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    return prompt_messages(ChatRecord(turns + [Message("assistant", "")]), system_prompt)
 
 
 class Builder:
@@ -137,7 +140,8 @@ class ChatBuilder(Builder):
 class PreferenceBuilder(Builder):
     """Chosen and rejected answers to one prompt, each sequence = prompt + answer (DPO, reward models).
 
-    The prompt is rendered once (user turn + generation prompt, the system prompt as for sft); each answer is
+    The prompt is rendered once (its messages, a plain prompt being one user turn, + the generation prompt;
+    the system prompt as for sft, unless the prompt opens with its own); each answer is
     rendered as the assistant turn continuing it and masked by chat.tokenize_chat (answer + end of turn, by
     character spans, as sft). The unsupervised prefix must be the same tokens in both sequences, a prefix of the
     prompt's own tokens: a BPE merge across the seam in one answer only (a template whose generation prompt
@@ -155,7 +159,7 @@ class PreferenceBuilder(Builder):
         if rec.chosen == rec.rejected:
             raise _field_error(rec, "rejected", "identical to the chosen answer: the pair prefers nothing")
         d = self.data
-        turns = _prompt_turns(rec.prompt, d.system_prompt)
+        turns = _prompt_turns(rec.messages(), d.system_prompt)
         prompt_ids = _encode(self.tok, render(self.tok, turns, add_generation_prompt=True, where=rec.source),
                              add_special_tokens=False)
         if len(prompt_ids) > d.max_length:
@@ -171,7 +175,8 @@ class PreferenceBuilder(Builder):
                 self.stats.dropped_too_long += 1
                 return
             seqs = [_cut_left(s, cut) for s in seqs]
-        self._keep(Example(seqs, [0, 1], self.role_names, None, rec.source))
+        kept = None if rec.margin is None else {"margin": rec.margin}  # the collators' batch["margin"]
+        self._keep(Example(seqs, [0, 1], self.role_names, kept, rec.source))
 
     def _answer(self, rec, turns: list[dict], field: str) -> TokenizedExample:
         conversation = ChatRecord([Message(m["role"], m["content"]) for m in turns]

@@ -30,7 +30,10 @@ import numpy as np
 from tuneforge.data.chat import TokenizedExample
 from tuneforge.data.example import Example
 
-FORMAT_VERSION = 3  # 3: multi-sequence examples, flat end-of-turn files; 2: leading assistant turn unsupervised
+# 4: preference examples keep their margin (from fields the readers used to ignore, so an older entry of the
+# same files would serve batches without it); 3: multi-sequence examples, flat end-of-turn files; 2: leading
+# assistant turn unsupervised
+FORMAT_VERSION = 4
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -35,11 +35,22 @@ def flat_sequences(examples: list[Example]) -> list[tuple[TokenizedExample, int,
     return [(seq, e, role) for e, ex in enumerate(examples) for seq, role in zip(ex.sequences, ex.roles)]
 
 
+def example_margins(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """{"margin": (E,) float32}, one per example in batch order (what `sequence_example` indexes), for
+    preference examples: how much better the chosen answer is, 0.0 where the data gives no margin or scores.
+    Empty for other examples (pair, prompt), which have no chosen answer."""
+    if not examples or "chosen" not in examples[0].role_names:
+        return {}
+    return {"margin": torch.tensor([float((ex.texts or {}).get("margin", 0.0)) for ex in examples],
+                                   dtype=torch.float32)}
+
+
 def collate_sequences(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Multi-sequence examples, one sequence per row, right-padded: S rows for S sequences.
 
     Returns input_ids, attention_mask, loss_mask, sequence_ids, all (S, T); sequence_example, sequence_role and
-    last_index, all (S,); num_real. `sequence_ids` is the row's sequence index (-1 on padding);
+    last_index, all (S,); num_real; for preference examples `margin` (E,) (see `example_margins`).
+    `sequence_ids` is the row's sequence index (-1 on padding);
     `sequence_example` the index of its example in `examples`; `sequence_role` its role id (the builder's role
     order); `last_index` the flat index row * T + col of its last real token (reward heads, last-token pooling:
     found by position, never by token id)."""
@@ -64,4 +75,4 @@ def collate_sequences(examples: list[Example], pad_id: int) -> dict[str, torch.T
             "sequence_example": torch.tensor([e for _, e, _ in seqs], dtype=torch.long),
             "sequence_role": torch.tensor([r for _, _, r in seqs], dtype=torch.long),
             "last_index": torch.arange(rows) * longest + n - 1,
-            "num_real": n.sum()}
+            "num_real": n.sum(), **example_margins(examples)}

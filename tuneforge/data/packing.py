@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tuneforge.data.collate import example_margins
 from tuneforge.data.example import Example
 
 
@@ -98,7 +99,8 @@ def collate_packed_sequences(rows: list[list[Example]], pad_id: int, width: int 
     per sequence, no attention mask.
 
     Returns input_ids, position_ids, loss_mask, sequence_ids, all (B, T); sequence_example, sequence_role and
-    last_index, all (S,) over the S sequences of the batch in row order; num_real. `sequence_ids` is each
+    last_index, all (S,) over the S sequences of the batch in row order; num_real; for preference examples
+    `margin` (E,), one per example, in the order `sequence_example` counts them. `sequence_ids` is each
     token's sequence index (-1 on padding); `sequence_example` the index of the sequence's example, counted
     over the batch in row order; `last_index` the flat index row * T + col of its last real token. Loss masks
     are the builder's own: LM builders never supervise a sequence's first token (so no sequence is trained to
@@ -129,7 +131,8 @@ def collate_packed_sequences(rows: list[list[Example]], pad_id: int, width: int 
     return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
             "sequence_ids": sequence_ids, "sequence_example": torch.tensor(seq_example, dtype=torch.long),
             "sequence_role": torch.tensor(seq_role, dtype=torch.long),
-            "last_index": torch.tensor(last_index, dtype=torch.long), "num_real": (sequence_ids >= 0).sum()}
+            "last_index": torch.tensor(last_index, dtype=torch.long), "num_real": (sequence_ids >= 0).sum(),
+            **example_margins([ex for row in rows for ex in row])}
 
 
 def real_tokens(batch: dict) -> int:

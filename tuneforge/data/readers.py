@@ -34,7 +34,8 @@ FIELDS = {
     "text": ("text",),
     "chat": ("messages", "role", "content", "roles"),
     "instruction": ("instruction", "input", "output", "system"),
-    "preference": ("prompt", "chosen", "rejected"),
+    "preference": ("prompt", "chosen", "rejected", "role", "content", "roles", "margin", "score_chosen",
+                   "score_rejected"),
     "pair": ("anchor", "positive", "negatives", "negative"),
     "prompt": ("prompt", "reference"),
 }

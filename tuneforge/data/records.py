@@ -64,11 +64,22 @@ class InstructionRecord:
 
 @dataclass
 class PreferenceRecord:
-    """A prompt with a preferred (chosen) and a dispreferred (rejected) answer."""
+    """A prompt with a preferred (chosen) and a dispreferred (rejected) answer: each answer one assistant turn.
+
+    Plain form: `prompt` is the user's message. Conversational form (message lists): `prompt_messages` is the
+    whole shared prompt (an optional system message, earlier turns, ending with a user turn) and `prompt` its
+    last user turn, for display. `margin` (>= 0) says how much better the chosen answer is, when the data says.
+    """
     prompt: str
     chosen: str
     rejected: str
     source: Source | None = None
+    prompt_messages: list[Message] | None = None
+    margin: float | None = None
+
+    def messages(self) -> list[Message]:
+        """The prompt as messages, whichever form the record was read from."""
+        return list(self.prompt_messages) if self.prompt_messages else [Message("user", self.prompt)]
 
 
 @dataclass
@@ -178,10 +189,10 @@ def build_record(kind: str | None, obj: Any, src: Source, cols: dict, tabular: b
             input=_string(obj, cols["input"], src, required=False) or "",
             system=_nonblank(_string(obj, cols["system"], src, required=False)), source=src)
     if kind == "preference":
-        prompt, chosen, rejected = (_preference_text(obj, cols[n], src) for n in ("prompt", "chosen", "rejected"))
-        if chosen == rejected:
-            raise _err(src, cols["rejected"], "chosen and rejected are identical, so the pair teaches nothing")
-        return PreferenceRecord(prompt, chosen, rejected, src)
+        # its own module (three forms, many checks), imported here: it imports this one
+        from tuneforge.data.preference import preference_record
+
+        return preference_record(obj, src, cols, tabular)
     if kind == "prompt":
         ref_key = cols["reference"] or ("answer" if "reference" not in obj and "answer" in obj else "reference")
         return PromptRecord(_string(obj, cols["prompt"], src),
@@ -189,21 +200,24 @@ def build_record(kind: str | None, obj: Any, src: Source, cols: dict, tabular: b
     return TextRecord(_string(obj, cols["text"], src), src)
 
 
-def _preference_text(obj: dict, key: str, src: Source) -> str:
-    if isinstance(obj.get(key), list):  # TRL's conversational form; say so rather than only "got list"
-        raise _err(src, key, "expected a string, got list (lists of messages are not supported yet for "
-                   "preference data: give the prompt and answers as strings)")
-    return _string(obj, key, src)
-
-
 def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
-    key, role_key, content_key = cols["messages"], cols["role"], cols["content"]
+    key = cols["messages"]
     if key not in obj:
         raise _missing(obj, src, key)
     turns = _list_cell(obj, key, src, tabular)
     if not isinstance(turns, list) or not turns:
         got = "an empty list" if isinstance(turns, list) else _type_name(turns)
         raise _err(src, key, f"expected a non-empty list of messages, got {got}")
+    messages = message_list(turns, key, src, cols)
+    if not any(m.role == "assistant" for m in messages):
+        raise _err(src, key, "no assistant turn, so there is nothing to train on")
+    return ChatRecord(messages, src)
+
+
+def message_list(turns: list, key: str, src: Source, cols: dict) -> list[Message]:
+    """The messages of a non-empty list of message objects at field `key` (roles mapped, content parts
+    joined, no blank turn, a system message only first)."""
+    role_key, content_key = cols["role"], cols["content"]
     messages = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
@@ -220,9 +234,7 @@ def _chat(obj: dict, src: Source, cols: dict, tabular: bool) -> ChatRecord:
         if not content.strip():
             raise _err(src, f"{where}.{content_key}", f"empty {role} turn")
         messages.append(Message(role, content))
-    if not any(m.role == "assistant" for m in messages):
-        raise _err(src, key, "no assistant turn, so there is nothing to train on")
-    return ChatRecord(messages, src)
+    return messages
 
 
 def _content(turn: dict, key: str, src: Source, label: str) -> str:

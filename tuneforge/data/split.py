@@ -26,6 +26,8 @@ def record_key(record: Any) -> str:
         content = ["text", record.text]
     elif isinstance(record, PreferenceRecord):
         content = ["preference", record.prompt, record.chosen, record.rejected]
+        if record.prompt_messages:  # the whole prompt, not only its last user turn (plain records key as before)
+            content.append([[m.role, m.content] for m in record.prompt_messages])
     elif isinstance(record, PairRecord):
         content = ["pair", record.anchor, record.positive, list(record.negatives)]
     elif isinstance(record, PromptRecord):
