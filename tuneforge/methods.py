@@ -30,6 +30,15 @@ def _chat_generation_records(cfg, data) -> list:
     return [as_chat(r) for r in data.eval_records] if cfg.eval.generate else []
 
 
+def _preference_generation_records(cfg, data) -> list:
+    """Held-out preference pairs as conversations whose reference answer is the chosen one: generation then
+    shows whether the tuned model now writes what the ranking preferred (judged by the same scoring rules)."""
+    from tuneforge.data.records import ChatRecord, Message
+    if not cfg.eval.generate:
+        return []
+    return [ChatRecord(r.messages() + [Message("assistant", r.chosen)], r.source) for r in data.eval_records]
+
+
 def _no_generation_records(cfg, data) -> list:
     return []
 
@@ -61,7 +70,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "clm": Method("text_blocks", _clm_objective, _no_generation_records, _save_causal_lm),
     "sft": Method("chat", _sft_objective, _chat_generation_records, _save_causal_lm),
-    "dpo": Method("preference", _dpo_objective, _no_generation_records, _save_causal_lm),
+    "dpo": Method("preference", _dpo_objective, _preference_generation_records, _save_causal_lm),
 }
 
 
