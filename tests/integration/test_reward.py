@@ -46,6 +46,18 @@ def test_reward_training_end_to_end(tiny_model_dir, tmp_path):
     final = tmp_path / "run" / "final"
     assert (final / "config.json").is_file() and not (final / "adapter").exists()
     assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    card = (final / "README.md").read_text()
+    assert "AutoModelForSequenceClassification" in card and "tuneforge score" in card and "generate" not in card
+
+
+def test_reward_config_section_and_defaults():
+    from tuneforge.config.load import config_from_dict
+    from tuneforge.errors import ConfigError
+    assert config_from_dict({"method": "reward"}).train.lr == 1e-5
+    cfg = config_from_dict({"method": "reward", "lora": {"enabled": True}, "reward": {"center_coef": 0.01}})
+    assert cfg.train.lr == 1e-4 and cfg.count_unit == "pairs" and cfg.reward.center_coef == 0.01
+    with pytest.raises((ConfigError, ValueError), match="read by method reward"):
+        config_from_dict({"method": "sft", "reward": {"center_coef": 0.01}})
 
 
 def test_lora_trains_adapter_and_head_and_freezes_the_base(tiny_model_dir, tmp_path):
