@@ -23,7 +23,7 @@ def write_model_card(folder: str | os.PathLike, cfg, results: dict) -> Path:
 def model_card(cfg, results: dict) -> str:
     """Markdown for a run's final folder; sections with nothing to say (no held-out set) are left out."""
     lora = cfg.lora.enabled
-    kind = "peft" if lora else "transformers"
+    kind = "peft" if lora and cfg.method != "reward" else "transformers"  # a reward model's final/ is merged
     lines = ["---", f"library_name: {kind}", "tags: [tuneforge, " + cfg.method + (", lora" if lora else "") + "]",
              "---", "", f"# {Path(cfg.train.output_dir).name}: {cfg.model.name}, {_method(cfg)}", "",
              "| | |", "|---|---|",
@@ -44,8 +44,11 @@ def model_card(cfg, results: dict) -> str:
 
 
 def _method(cfg) -> str:
-    what = {"sft": "supervised fine-tuning (loss on responses)", "clm": "continued pre-training (next-token loss)"}
+    what = {"sft": "supervised fine-tuning (loss on responses)", "clm": "continued pre-training (next-token loss)",
+            "reward": "reward model (Bradley-Terry loss on preference pairs)"}
     shape = "LoRA adapter (PEFT format)" if cfg.lora.enabled else "full fine-tuning (every parameter)"
+    if cfg.method == "reward" and cfg.lora.enabled:
+        shape = "LoRA, merged into the saved sequence classifier (the adapter and head also in adapter/)"
     return f"`{cfg.method}`: {what.get(cfg.method, cfg.method)}, {shape}"
 
 
@@ -109,6 +112,13 @@ def _metrics(results: dict) -> list[str]:
 
 def _usage(cfg) -> list[str]:
     final = Path(cfg.train.output_dir) / "final"
+    if cfg.method == "reward":
+        code = [f"tuneforge score --model {final} --prompt \"...\" --response \"...\""]
+        py = ["from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+              f"model = AutoModelForSequenceClassification.from_pretrained(\"{final}\", num_labels=1)",
+              f"tokenizer = AutoTokenizer.from_pretrained(\"{final}\")  # pads with a token of its own",
+              "# or: from tuneforge.eval.reward import score; score(folder, prompts, responses)"]
+        return ["## Use", "", "```bash", *code, "```", "", "```python", *py, "```", ""]
     if cfg.lora.enabled:
         code = [f"tuneforge generate --run {cfg.train.output_dir} --prompt \"...\"",
                 f"tuneforge merge --adapter {final} --out merged/   # a full model folder"]

@@ -1,4 +1,4 @@
-"""The `tuneforge` command: train | data inspect | generate | chat | eval | merge."""
+"""The `tuneforge` command: train | data inspect | generate | chat | eval | merge | score."""
 
 from __future__ import annotations
 
@@ -162,6 +162,48 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _score_rows(path: str) -> list[dict]:
+    """JSONL rows to score: {prompt, response}, or {prompt, chosen, rejected} (both answers scored)."""
+    from tuneforge.errors import DataError
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"not valid JSON: {exc}", path, line_no) from exc
+            answers = ("response",) if isinstance(obj, dict) and "response" in obj else ("chosen", "rejected")
+            for key in ("prompt", *answers):
+                if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+                    raise DataError("expected a string (each line: prompt and response, or prompt, chosen and "
+                                    "rejected)", path, line_no, key)
+            rows.append({k: obj[k] for k in ("prompt", *answers)})
+    return rows
+
+
+def cmd_score(args) -> int:
+    from tuneforge import preflight
+    from tuneforge.eval.reward import load_scorer
+    preflight.check_inputs([preflight.Input("--model", args.model, kind="folder")]
+                           + ([preflight.Input("--data", args.data, kind="file")] if args.data else []))
+    texts = (args.prompt is not None, args.response is not None)
+    if (args.data and any(texts)) or (not args.data and not all(texts)):
+        raise TuneforgeError("give --prompt TEXT --response TEXT, or --data FILE (JSONL)")
+    rows = _score_rows(args.data) if args.data else [{"prompt": args.prompt, "response": args.response}]
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines alone
+        scorer = load_scorer(args.model)
+    answers = [k for k in ("response", "chosen", "rejected") if any(k in r for r in rows)]
+    scores = {k: scorer([r["prompt"] for r in rows if k in r], [r[k] for r in rows if k in r], args.batch_size)
+              for k in answers}
+    taken = {k: iter(v) for k, v in scores.items()}
+    for row in rows:
+        rewards = {("reward" if k == "response" else f"reward_{k}"): next(taken[k]) for k in row if k in taken}
+        print(json.dumps({**row, **rewards}, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -208,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(e)
     e.add_argument("--adapter", help="LoRA adapter folder to evaluate on top of the config's model")
     e.set_defaults(func=cmd_eval)
+
+    sc = sub.add_parser("score", help="rewards from a reward model (method reward), as JSON lines")
+    sc.add_argument("--model", required=True, help="the reward model: a run's final/ folder (or the run folder)")
+    sc.add_argument("--prompt", help="a user prompt (with --response)")
+    sc.add_argument("--response", help="the answer to score")
+    sc.add_argument("--data", help="JSONL: prompt and response, or prompt, chosen and rejected, per line")
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.set_defaults(func=cmd_score)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full model folder")
     m.add_argument("--model", help="the base model the adapter was trained on (default: the one it records)")

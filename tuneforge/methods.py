@@ -58,6 +58,24 @@ def _dpo_objective(cfg):
     return make_dpo(cfg)
 
 
+def _reward_objective(cfg):
+    from tuneforge.objectives.reward import RewardObjective
+    return RewardObjective(cfg.reward.center_coef)
+
+
+def _reward_heads(cfg, model):
+    from tuneforge.models.reward import make_reward_head
+    return make_reward_head(cfg, model)
+
+
+def _save_reward_model(cfg, module, tokenizer, folder: Path) -> None:
+    """A transformers sequence-classification folder (LoRA merged into a copy of the base), plus the adapter
+    and head under LoRA (models/reward.py)."""
+    from tuneforge.models.reward import save_reward_model
+    from tuneforge.run import adapter_base_name
+    save_reward_model(module, tokenizer, folder, adapter_base_name(cfg), cfg.data.system_prompt)
+
+
 @dataclass(frozen=True)
 class Method:
     builder: str  # data builder name
@@ -71,6 +89,8 @@ METHODS: dict[str, Method] = {
     "clm": Method("text_blocks", _clm_objective, _no_generation_records, _save_causal_lm),
     "sft": Method("chat", _sft_objective, _chat_generation_records, _save_causal_lm),
     "dpo": Method("preference", _dpo_objective, _preference_generation_records, _save_causal_lm),
+    "reward": Method("preference", _reward_objective, _no_generation_records, _save_reward_model,
+                     heads=_reward_heads),
 }
 
 

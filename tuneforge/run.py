@@ -131,8 +131,8 @@ def save_final(cfg: RunConfig, module: TrainModule, tokenizer, results: dict | N
     out = Path(cfg.train.output_dir) / "final"
     try:
         with atomic_dir(out) as tmp:
+            tokenizer.save_pretrained(tmp)  # first: a method's save may replace it (a reward model's pad token)
             method_of(cfg).save(cfg, module, tokenizer, tmp)
-            tokenizer.save_pretrained(tmp)
             write_model_card(tmp, cfg, results or {})  # in place of PEFT's blank template
     except WRITE_ERRORS as exc:  # a full disk: say so, and that the checkpoints still hold the run
         raise TuneforgeError(f"could not write {out}: {exc}; checkpoints in {out.parent / 'checkpoints'} are "

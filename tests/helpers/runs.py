@@ -30,18 +30,6 @@ def write_chat_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def write_preference_data(path: Path, n: int = 32, seed: int = 0) -> Path:
-    """Sums with a checkable preference: the chosen answer is right, the rejected one is off by 1 to 3."""
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-            f.write(json.dumps({"prompt": f"Add {a} and {b}.", "chosen": f"The sum is {a + b}.",
-                                "rejected": f"The sum is {wrong}."}) + "\n")
-    return path
-
-
 def write_text_data(folder: Path, docs: int = 12, seed: int = 0) -> Path:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,6 +37,21 @@ def write_text_data(folder: Path, docs: int = 12, seed: int = 0) -> Path:
     for i in range(docs):
         (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(60)) + "\n")
     return folder
+
+
+def write_preference_data(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """A checkable preference rule: the chosen answer is the correct sum, the rejected one is off by 1 to 3.
+    Answer lengths differ within and across pairs, so padding and packing positions matter."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+            chosen, rejected = f"{a + b}", f"The sum is {wrong}."
+            if rng.random() < 0.5:
+                chosen, rejected = f"The sum is {a + b}.", f"{wrong}"
+            f.write(json.dumps({"prompt": f"Add {a} and {b}.", "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
 
 
 def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.0, **train_kw):
@@ -95,6 +98,15 @@ def load_for_method(method: str, model_dir):
         torch.manual_seed(0)
         model = apply_lora(model, r=4, alpha=8, dropout=0.0)
     return model, tok
+
+
+def method_module(cfg, model):
+    """`model` wrapped as a training run wraps it: a TrainModule with the method's extra heads (a reward head),
+    no LoRA. Invariant tests that drive the objective directly need the heads the method trains."""
+    from tuneforge.methods import method_of
+    from tuneforge.models.heads import TrainModule
+    heads = method_of(cfg).heads
+    return TrainModule(model, heads(cfg, model) if heads else None)
 
 
 def method_config(method: str, model_dir, data_folder: Path, out, **kw):

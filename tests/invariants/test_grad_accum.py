@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.runs import load_for_method, method_config, update_sums
+from helpers.runs import load_for_method, method_config, method_module, update_sums
 from tuneforge.data.collate import collate
 from tuneforge.run import prepare
 from tuneforge.methods import METHODS
@@ -22,6 +22,7 @@ def test_grad_accum_1x8_equals_8x1(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_for_method(method, tiny_model_dir)
     examples = prepare(cfg, tok).train[:8]
+    model = method_module(cfg, model)  # with the method's extra heads (reward)
     objective = make_objective(cfg)
     batches = lambda micro: [collate(examples[i:i + micro], tok.pad_token_id)  # noqa: E731
                              for i in range(0, len(examples), micro)]
@@ -50,15 +51,17 @@ def test_fit_same_weights_with_and_without_accumulation(method, tiny_model_dir, 
                             micro_batch_size=micro, grad_accum=accum)
         model, tok = load_for_method(method, tiny_model_dir)
         prepared = prepare(cfg, tok)
-        res = fit(model, make_objective(cfg), prepared.train, lambda b: collate(b, tok.pad_token_id), cfg.train)
-        results.append(({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        module = method_module(cfg, model)  # with the method's extra heads (reward)
+        res = fit(module, make_objective(cfg), prepared.train, lambda b: collate(b, tok.pad_token_id), cfg.train)
+        results.append(({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
                          [h["loss"] for h in res.history]))
     (wa, la), (wb, lb) = results
     assert len(la) == len(lb) == 3 and all(x is not None for x in la + lb)
     for a, b in zip(la, lb):
         assert abs(a - b) < 1e-5
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+    for name in wa:  # Adam divides by sqrt(v): float32 rounding of a gradient entry that nearly cancels moves
+        # the weight ~1e-5 after 3 steps (reward, lr 3e-3: 9e-6 in float32, 1e-15 in float64)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=2e-5)
     fresh, _ = load_for_method(method, tiny_model_dir)
-    start = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
+    start = {n: p for n, p in method_module(cfg, fresh).named_parameters() if p.requires_grad}
     assert start.keys() == wa.keys() and any(not torch.equal(wa[n], start[n]) for n in wa)  # it trained

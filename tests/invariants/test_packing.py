@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from helpers.runs import load_for_method, make_config, method_config, read_metrics, update_sums, write_chat_data, write_instruction_data
+from helpers.runs import (
+    load_for_method, make_config, method_config, method_module, read_metrics, update_sums, write_chat_data,
+    write_instruction_data,
+)
 from tuneforge.data.collate import collate
-from tuneforge.run import prepare
+from tuneforge.run import make_objective, prepare
 from tuneforge.data.packing import PackedExamples, collate_packed, pack_bins
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
@@ -25,8 +28,8 @@ def test_pack_bins_respects_capacity_and_keeps_every_example():
     assert len(bins) == 4  # 39 tokens need at least 4 rows of 10, and best-fit finds 4
 
 
-def _loss_and_grads(model, batches):
-    loss_sum, count, grads = update_sums(model, SFTObjective(), batches)
+def _loss_and_grads(model, batches, objective=None):
+    loss_sum, count, grads = update_sums(model, objective or SFTObjective(), batches)
     return torch.tensor(loss_sum / count), count, {n: g / count for n, g in grads.items()}
 
 
@@ -35,13 +38,14 @@ def test_packed_equals_unpacked(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_for_method(method, tiny_model_dir)
     examples = prepare(cfg, tok).train[:12]
-    capacity = max(160, 2 * max(len(e) for e in examples))  # several examples share a row
-    packed = PackedExamples(examples, capacity=capacity)
+    model, objective = method_module(cfg, model), make_objective(cfg)  # the method's own loss and heads
+    # several examples share a row (a preference example holds two sequences: room for two such)
+    packed = PackedExamples(examples, capacity=max(160, 2 * max(len(e) for e in examples)))
     rows = [packed[i] for i in range(len(packed))]
     assert len(packed) < len(examples)
-    loss_p, count_p, grads_p = _loss_and_grads(model, [collate_packed(rows, tok.pad_token_id)])
+    loss_p, count_p, grads_p = _loss_and_grads(model, [collate_packed(rows, tok.pad_token_id)], objective)
     singles = [collate([examples[i]], tok.pad_token_id) for i in range(len(examples))]
-    loss_u, count_u, grads_u = _loss_and_grads(model, singles)
+    loss_u, count_u, grads_u = _loss_and_grads(model, singles, objective)
     assert count_p == count_u
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
     for name in grads_u:

@@ -33,8 +33,11 @@ class _InterruptAfter:
 
 
 def _final_weights(run, lora):
-    name = "adapter_model.safetensors" if lora else "model.safetensors"
-    return load_file(str(run / "final" / name))
+    """Every tensor the run saved in final/ (a reward model under LoRA: the merged model and adapter/)."""
+    final = run / "final"
+    files = sorted(final.rglob("*.safetensors"))
+    assert files and (not lora or any("adapter" in f.name for f in files)), files
+    return {f"{f.relative_to(final)}:{k}": v for f in files for k, v in load_file(str(f)).items()}
 
 
 def _run_with_interrupt(monkeypatch, cfg, n):

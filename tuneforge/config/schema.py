@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["clm", "sft", "dpo"]  # later: contrastive, reward, ppo, grpo, rloo
+Method = Literal["clm", "sft", "dpo", "reward"]  # later: contrastive, ppo, grpo, rloo
 
 
 class Section(BaseModel):
@@ -161,6 +161,13 @@ class RLSection(Section):
     clip_range: float = Field(0.2, gt=0)
 
 
+class RewardSection(Section):
+    """Reward models (method reward): read only by that method."""
+    center_coef: float = Field(0.0, ge=0.0)
+    """Reward centring (Eisenstein et al. 2023): adds center_coef * (r_chosen + r_rejected)^2 per pair, so
+    rewards stay near 0 (the Bradley-Terry loss alone leaves their offset free); e.g. 0.01."""
+
+
 class ContrastiveSection(Section):
     """Embedding models (method contrastive): read only by that method."""
     pooling: Literal["mean", "cls", "last"] = "mean"
@@ -176,6 +183,7 @@ class ContrastiveSection(Section):
 
 # Which methods read which method section: setting a section another method reads is a mistake worth an error.
 SECTION_METHODS = {"dpo": ("dpo",), "rl": ("ppo", "grpo", "rloo"), "contrastive": ("contrastive",)}
+SECTION_METHODS["reward"] = ("reward",)
 
 METHOD_DEFAULTS = {
     # method: (lr full, lr lora, unit the loss averages over)
@@ -183,6 +191,10 @@ METHOD_DEFAULTS = {
     "sft": (1e-5, 2e-4, "tokens"),
     # DPO moves a model that is already good: small steps (TRL's default 1e-6 for full; LoRA a few times more)
     "dpo": (1e-6, 2e-5, "pairs"),
+    # reward: LoRA at 1e-4, half of sft's: one scalar per pair is a noisier signal than every answer token,
+    # and reward models overfit within about an epoch (Ouyang et al. 2022 train one); TRL's reward recipe
+    # uses the same 1e-5 / 1e-4
+    "reward": (1e-5, 1e-4, "pairs"),
 }
 
 
@@ -200,6 +212,7 @@ class RunConfig(Section):
     dpo: DPOSection = Field(default_factory=DPOSection)
     rl: RLSection = Field(default_factory=RLSection)
     contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
 
     @model_validator(mode="after")
     def _fill_method_defaults(self):
