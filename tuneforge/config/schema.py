@@ -1,7 +1,7 @@
 """The run config schema. One YAML file describes one run; every key has a default or a clear error.
 
-Sections: model, data, lora, train, eval, plus `method` and one section per family of methods (dpo, rl,
-contrastive). This file is the one place for every default: the training loop reads the `train` section
+Sections: model, data, lora, train, eval, plus `method`, one section per family of methods (dpo, rl,
+contrastive), and `rank` (read by `tuneforge rank`). This file is the one place for every default: the training loop reads the `train` section
 itself. Per-method defaults (learning rate, what the loss averages over, the default data kind) live in
 METHOD_DEFAULTS so that adding a method is one entry, not an if/elif chain; what a method DOES (its data
 builder, objective, evaluation and saved result) is its entry in tuneforge/methods.py.
@@ -174,6 +174,16 @@ class ContrastiveSection(Section):
     """Cached mini-batches (GradCache): negatives from the whole batch, the memory of this many examples."""
 
 
+class RankSection(Section):
+    """Collecting human rankings (`tuneforge rank`): the answers sampled for each prompt. Read by that command
+    only, under any method (a run's config keeps it, so the run's own model can be ranked with it)."""
+    num_answers: int = Field(2, ge=2, le=4)
+    """Answers sampled per prompt: more than 4 is more than a person compares well at a glance."""
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    max_new_tokens: int = Field(128, gt=0)
+
+
 # Which methods read which method section: setting a section another method reads is a mistake worth an error.
 SECTION_METHODS = {"dpo": ("dpo",), "rl": ("ppo", "grpo", "rloo"), "contrastive": ("contrastive",)}
 
@@ -194,6 +204,7 @@ class RunConfig(Section):
     dpo: DPOSection = Field(default_factory=DPOSection)
     rl: RLSection = Field(default_factory=RLSection)
     contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection)
+    rank: RankSection = Field(default_factory=RankSection)
 
     @model_validator(mode="after")
     def _fill_method_defaults(self):
