@@ -130,3 +130,13 @@ def test_a_malformed_line_inside_the_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(DataError, match=r"prefs.jsonl, line 2: malformed JSON"):
         read_log(out)
     assert Path(out).read_text().count("\n") == 3  # nothing cut
+
+
+def test_an_out_path_that_cannot_be_a_file_is_refused_up_front(tmp_path):
+    from tuneforge.preflight import InputPathError, check_output_file
+    with pytest.raises(InputPathError, match="--out: .*: is a folder; expected a file to write"):
+        check_output_file("--out", str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputPathError, match="notes.txt is a file, so no file can be written under it"):
+        check_output_file("--out", str(tmp_path / "notes.txt" / "prefs.jsonl"))
+    check_output_file("--out", str(tmp_path / "new" / "deeper" / "prefs.jsonl"))  # folders are made
