@@ -200,8 +200,9 @@ def run_session(s: Session) -> int:
     done, counts = done_prompts(s.out, s.ask_skipped)
     todo = [i for i, p in enumerate(s.prompts) if prompt_id(p) not in done]
     total, before = len(s.prompts), len(s.prompts) - len(todo)
-    print(f"rank: {total} prompts, {before} done already, {len(todo)} to go; answers are written to {s.out} as "
-          "you decide (? for help)", file=sys.stderr)
+    held = f" ({counts['pairs']} pairs, {counts['tie']} ties, {counts['skip']} skips on file)" if before else ""
+    print(f"rank: {total} prompts, {before} done already{held}, {len(todo)} to go; answers are written to {s.out} "
+          "as you decide (? for help)", file=sys.stderr)
     answered, code = 0, 0
     try:
         for index in todo:
