@@ -1,7 +1,7 @@
 """The run config schema. One YAML file describes one run; every key has a default or a clear error.
 
-Sections: model, data, lora, train, eval, plus `method`, one section per family of methods (dpo, rl,
-contrastive), and `rank` (read by `tuneforge rank`). This file is the one place for every default: the training loop reads the `train` section
+Sections: model, data, lora, train, eval, plus `method` and one section per family of methods (dpo, rl,
+contrastive). This file is the one place for every default: the training loop reads the `train` section
 itself. Per-method defaults (learning rate, what the loss averages over, the default data kind) live in
 METHOD_DEFAULTS so that adding a method is one entry, not an if/elif chain; what a method DOES (its data
 builder, objective, evaluation and saved result) is its entry in tuneforge/methods.py.
