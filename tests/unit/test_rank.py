@@ -140,3 +140,14 @@ def test_an_out_path_that_cannot_be_a_file_is_refused_up_front(tmp_path):
     with pytest.raises(InputPathError, match="notes.txt is a file, so no file can be written under it"):
         check_output_file("--out", str(tmp_path / "notes.txt" / "prefs.jsonl"))
     check_output_file("--out", str(tmp_path / "new" / "deeper" / "prefs.jsonl"))  # folders are made
+
+
+def test_rank_section_defaults_and_bounds():
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    r = load_config(None, []).rank
+    assert (r.num_answers, r.temperature, r.top_p, r.max_new_tokens) == (2, 0.8, 1.0, 128)
+    assert load_config(None, ["method=clm", "rank.num_answers=4"]).rank.num_answers == 4  # read under any method
+    for bad in ("rank.num_answers=5", "rank.num_answers=1", "rank.top_p=1.5", "rank.temperature=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
