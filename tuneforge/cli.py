@@ -1,4 +1,4 @@
-"""The `tuneforge` command: train | data inspect | generate | chat | eval | merge | score."""
+"""The `tuneforge` command: train | data inspect | generate | chat | eval | rank | merge | score."""
 
 from __future__ import annotations
 
@@ -65,8 +65,12 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
-def _load_for_inference(args):
-    """Model, tokenizer and system prompt from --run (a training output folder) or --model/--adapter."""
+def _load_for_inference(args, config: str | None = None, config_overrides: list[str] = ()):
+    """Model, tokenizer and system prompt from --run (a training output folder) or --model/--adapter.
+
+    `config` (a run config, with `config_overrides`: what `tuneforge rank CONFIG` takes) gives the model,
+    template and system prompt when there is no --run; an --adapter then goes on top of that config's model.
+    """
     from tuneforge import preflight
     from tuneforge.config import load_config
     from tuneforge.run import load_model_and_tokenizer
@@ -75,8 +79,8 @@ def _load_for_inference(args):
         + ([preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
         + (preflight.model_inputs("--model", args.model) if args.model else [])
         + ([preflight.Input("--file", args.file, kind="file")] if getattr(args, "file", None) else []))
-    overrides, adapter = [], args.adapter
-    cfg_path = None
+    overrides, adapter = list(config_overrides), args.adapter
+    cfg_path = config
     if args.run:
         cfg_path = str(Path(args.run) / "config.yaml")
         adapter = adapter or (str(Path(args.run) / "final") if (Path(args.run) / "final" /
@@ -85,7 +89,7 @@ def _load_for_inference(args):
             overrides.append(f"model.name={Path(args.run) / 'final'}")
     if args.model:
         overrides.append(f"model.name={args.model}")
-    elif adapter and not args.run:
+    elif adapter and not args.run and config is None:
         overrides.append(f"model.name={_adapter_base(adapter)}")
     cfg = load_config(cfg_path, overrides)
     preflight.check_inputs(preflight.config_inputs(cfg, data=False))  # a run's config may name a local model
@@ -204,6 +208,11 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_rank(args) -> int:
+    from tuneforge.rank import rank_command
+    return rank_command(args, _load_for_inference)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -258,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", help="JSONL: prompt and response, or prompt, chosen and rejected, per line")
     sc.add_argument("--batch-size", type=int, default=8)
     sc.set_defaults(func=cmd_score)
+    r = sub.add_parser("rank", help="rank sampled answers in the terminal: preference data for dpo/reward")
+    with_config(r)
+    r.add_argument("--prompts", required=True, help="one prompt per line, or JSONL/JSON/CSV/Parquet with a "
+                                                    "prompt field")
+    r.add_argument("--out", required=True, help="preference JSONL, appended as you decide; a rerun continues it")
+    r.add_argument("--adapter", help="LoRA adapter folder on top of the config's model")
+    r.add_argument("--run", help="a training output folder: sample from its model (its config, template, "
+                                 "final weights) instead of the config's")
+    r.add_argument("--ask-skipped", action="store_true", help="ask again the prompts skipped (s) before")
+    r.set_defaults(func=cmd_rank)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full model folder")
     m.add_argument("--model", help="the base model the adapter was trained on (default: the one it records)")
@@ -271,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     # PEFT 0.21 calls a transformers 5 property deprecated upstream; the warning is not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse fills the overrides list once, so `rank CONFIG --out F key=value` leaves key=value over
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except TuneforgeError as exc:

@@ -64,6 +64,26 @@ def run_input(label: str, path: str) -> Input:
     return Input(label, path, kind="folder", needs="config.yaml", what="a training output folder")
 
 
+def file_input(label: str, path: str) -> Input:
+    """A file the command reads whole (`tuneforge rank --prompts`, `generate --file`)."""
+    return Input(label, path, kind="file")
+
+
+def check_output_file(label: str, path: str) -> None:
+    """Refuse, before anything loads, an output file that could not be appended to: the path is a folder, or a
+    folder above it is a file. Missing folders are fine (the command creates them)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise InputPathError(f"{label}: {path}: is a folder; expected a file to write (say {target / 'prefs.jsonl'})")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputPathError(f"{label}: {path}: {parent} is a file, so no file can be written under it")
+            if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+                raise InputPathError(f"{label}: {path}: is not writable (permissions)")
+            return
+
+
 def check_inputs(inputs: list[Input]) -> None:
     """Raise InputPathError for the first input that cannot be read as what its command expects."""
     for item in inputs:

@@ -181,6 +181,16 @@ class ContrastiveSection(Section):
     """Cached mini-batches (GradCache): negatives from the whole batch, the memory of this many examples."""
 
 
+class RankSection(Section):
+    """Collecting human rankings (`tuneforge rank`): the answers sampled for each prompt. Read by that command
+    only, under any method (a run's config keeps it, so the run's own model can be ranked with it)."""
+    num_answers: int = Field(2, ge=2, le=4)
+    """Answers sampled per prompt: more than 4 is more than a person compares well at a glance."""
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    max_new_tokens: int = Field(128, gt=0)
+
+
 # Which methods read which method section: setting a section another method reads is a mistake worth an error.
 SECTION_METHODS = {"dpo": ("dpo",), "rl": ("ppo", "grpo", "rloo"), "contrastive": ("contrastive",)}
 SECTION_METHODS["reward"] = ("reward",)
@@ -213,6 +223,7 @@ class RunConfig(Section):
     rl: RLSection = Field(default_factory=RLSection)
     contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection)
     reward: RewardSection = Field(default_factory=RewardSection)
+    rank: RankSection = Field(default_factory=RankSection)
 
     @model_validator(mode="after")
     def _fill_method_defaults(self):
