@@ -15,7 +15,6 @@ before it costs a run.
 
 from __future__ import annotations
 
-
 import torch
 
 from tuneforge.errors import TuneforgeError
