@@ -58,8 +58,12 @@ def cmd_data_inspect(args) -> int:
     color = sys.stdout.isatty() and not args.no_color
     for i in range(min(args.n, len(data.train))):
         ex = data.train[i]
-        print(f"--- example {i} ({len(ex)} tokens, {sum(ex.loss_mask)} supervised) ---")
-        print(format_example(tokenizer, ex, color=color))
+        # multi-sequence examples (preference: chosen and rejected; pairs; prompts): each sequence by its role
+        parts = [(f"{ex.role(k)} ", seq) for k, seq in enumerate(ex.sequences)] if hasattr(ex, "sequences") \
+            else [("", ex)]
+        for role, seq in parts:
+            print(f"--- example {i} {role}({len(seq)} tokens, {sum(seq.loss_mask)} supervised) ---")
+            print(format_example(tokenizer, seq, color=color))
     print("--- supervised tokens are " + ("green" if color else "inside [[ ]]") + " ---")
     print(json.dumps(data.stats, indent=1))
     return 0

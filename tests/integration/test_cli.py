@@ -39,6 +39,18 @@ def test_data_inspect_marks_supervised_tokens(tmp_path, tiny_model_dir, capsys):
     assert '"supervised_share"' in out
 
 
+def test_data_inspect_shows_each_sequence_of_a_preference_example(tmp_path, tiny_model_dir, capsys):
+    from helpers.runs import write_preference_data
+    data = write_preference_data(tmp_path / "p.jsonl", n=4)
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(f"method: dpo\nmodel: {{name: {tiny_model_dir}}}\ndata: {{train: {data}}}\n"
+                   f"lora: {{enabled: true}}\ntrain: {{output_dir: {tmp_path / 'out'}}}\n")
+    assert main(["data", "inspect", str(cfg), "-n", "1", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "--- example 0 chosen (" in out and "--- example 0 rejected (" in out
+    assert out.count("<|im_end|>]]") == 2  # each answer supervised with its end-of-turn token
+
+
 def test_train_generate_and_merge(tmp_path, tiny_model_dir, capsys):
     data = write_instruction_data(tmp_path / "d.jsonl")
     assert main(["train", _config(tmp_path, tiny_model_dir, data)]) == 0
