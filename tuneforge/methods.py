@@ -58,6 +58,11 @@ def _dpo_objective(cfg):
     return make_dpo(cfg)
 
 
+def _dpo_reference(*args, **kwargs):
+    from tuneforge.objectives.dpo import precompute_reference
+    return precompute_reference(*args, **kwargs)
+
+
 def _reward_objective(cfg):
     from tuneforge.objectives.reward import RewardObjective
     return RewardObjective(cfg.reward.center_coef)
@@ -83,12 +88,16 @@ class Method:
     generation_records: Callable  # (cfg, prepared data) -> held-out records scored by generation
     save: Callable  # (cfg, TrainModule, tokenizer, folder) -> None
     heads: Callable | None = None  # (cfg, model) -> {name: nn.Module}: extra heads trained with the model
+    # (cfg, module, data, tokenizer, device, autocast, resume) -> data: a pass over the data before training
+    # (DPO under full fine-tuning: the reference log-probs)
+    before_fit: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
     "clm": Method("text_blocks", _clm_objective, _no_generation_records, _save_causal_lm),
     "sft": Method("chat", _sft_objective, _chat_generation_records, _save_causal_lm),
-    "dpo": Method("preference", _dpo_objective, _preference_generation_records, _save_causal_lm),
+    "dpo": Method("preference", _dpo_objective, _preference_generation_records, _save_causal_lm,
+                  before_fit=_dpo_reference),
     "reward": Method("preference", _reward_objective, _no_generation_records, _save_reward_model,
                      heads=_reward_heads),
 }

@@ -135,7 +135,8 @@ def _near_miss(path: Path) -> str | None:
 # --- the output folder: a finished run's record is never overwritten without an explicit choice -------------
 
 # What a run writes into train.output_dir; --overwrite removes exactly these (nothing else the user keeps there).
-RUN_RECORD = ("final", "results.json", "config.yaml", "checkpoints", "metrics.jsonl", "tensorboard")
+RUN_RECORD = ("final", "results.json", "config.yaml", "checkpoints", "metrics.jsonl", "tensorboard",
+              "reference_logps.safetensors")
 
 
 def finished_run_parts(out_dir: str | os.PathLike) -> list[str]:

@@ -180,9 +180,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     say(f"model: {cfg.model.name}, trainable {trainable:,} of {total:,} parameters")
     say(f"compute: {device.type} x {dist.world_size()}, autocast {resolve_autocast(cfg.train.autocast, device)}, "
         f"attention {getattr(module.base.config, '_attn_implementation', None)}, packing {'on' if packed else 'off'}")
+    autocast = make_autocast(cfg.train.autocast, device)
+    if method_of(cfg).before_fit is not None:
+        data = method_of(cfg).before_fit(cfg, module, data, tokenizer, device, autocast, resume)
     train_rows, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packed)
     objective = make_objective(cfg)
-    autocast = make_autocast(cfg.train.autocast, device)
     held_out = eval_rows if cfg.eval.loss else None
     if held_out is not None and not resume:  # every run shows whether it got better: held-out loss before
         results["eval_before"] = held_out_metrics(module, objective, held_out, collate_fn,

@@ -82,8 +82,8 @@ DATA_WRITERS = {
 }
 
 
-# Settings a method needs in every test run: DPO's reference is the base with the adapter disabled, so it
-# trains a LoRA adapter.
+# Settings a method needs in the invariant tests, which drive its objective directly: DPO's reference there is
+# the base with the adapter disabled (full fine-tuning's precomputed reference is a run's: tests/objectives).
 METHOD_SETUP = {"dpo": {"lora": True}}
 
 

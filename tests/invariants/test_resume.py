@@ -53,7 +53,8 @@ def _run_with_interrupt(monkeypatch, cfg, n):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_resume_is_bit_identical(method, lora, tiny_model_dir, tmp_path, monkeypatch):
     if not lora and METHOD_SETUP.get(method, {}).get("lora"):
-        pytest.skip(f"{method} trains with LoRA only (its reference is the base with the adapter disabled)")
+        pytest.skip(f"{method}: full fine-tuning's resume is tested with its precomputed reference "
+                    "(tests/objectives/test_dpo.py)")
     # LoRA dropout > 0: the resumed run must also restore the RNG to draw the same dropout masks
     kw = dict(max_steps=7, save_every=100, warmup_steps=2, lora=lora, lora_dropout=0.1 if lora else 0.0)
     config = lambda name: method_config(method, tiny_model_dir, tmp_path / "data", tmp_path / name, **kw)  # noqa: E731

@@ -46,10 +46,13 @@ def test_a_wrong_reference_stops_the_run_before_training(tiny_model_dir, tmp_pat
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_dpo_without_lora_says_what_to_do(tiny_model_dir, tmp_path):
+def test_a_reference_variant_without_any_reference_says_what_to_do(tiny_model_dir, tmp_path):
+    """Driving the objective on a full model without the run's precomputed reference: a clear error."""
     cfg = _config(tiny_model_dir, tmp_path, max_steps=1, lora=False)
-    with pytest.raises(TuneforgeError, match="lora.enabled=true"):
-        train(cfg)
+    from tuneforge.models.load import load_causal_lm
+    model, tok = load_causal_lm(str(tiny_model_dir))
+    with pytest.raises(TuneforgeError, match="lora.enabled=true.*precomputes"):
+        fit(model, make_objective(cfg), prepare(cfg, tok).train, _collate(tok), cfg.train)
 
 
 def test_dpo_learns_the_preference_on_held_out_pairs(tiny_model_dir, tmp_path):
@@ -79,3 +82,36 @@ def test_reference_free_variants_train_without_lora(variant, tiny_model_dir, tmp
     cfg.dpo.loss = variant
     res = train(cfg)
     assert res["train"]["steps"] == 3 and math.isfinite(res["train"]["final_loss"])
+
+
+def test_full_fine_tuning_precomputes_the_reference(tiny_model_dir, tmp_path):
+    """No second model: the reference log-probs are computed once before the first update, kept in the run
+    folder, and carried by the batches; loss ln 2 at step 0; a resume reads the same reference and ends
+    bit-identical to an uninterrupted run."""
+    from safetensors.torch import load_file
+    kw = dict(max_steps=4, lora=False, save_every=2, lr=1e-3)
+    straight = _config(tiny_model_dir, tmp_path, **kw)
+    straight.data.eval_fraction, straight.eval.loss = 0.25, True
+    res = train(straight)
+    assert res["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    ref = load_file(str(tmp_path / "run" / "reference_logps.safetensors"))
+    assert ref["train"].shape[1] == 2 and ref["eval"].shape[0] == res["eval_before"]["count"]
+    from helpers.runs import read_metrics
+    rows = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margin"] > 0  # it learns its training pairs
+
+    # interrupted after step 2 (checkpoint), resumed: the same final weights
+    import shutil
+    resumed_dir = tmp_path / "resumed"
+    cfg = method_config("dpo", tiny_model_dir, tmp_path / "data", resumed_dir, **{**kw, "max_steps": 4})
+    cfg.data.eval_fraction, cfg.eval.loss = 0.25, True
+    train(cfg)
+    shutil.rmtree(resumed_dir / "final")
+    (resumed_dir / "results.json").unlink()
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-00000004")
+    again = train(cfg, resume=True)
+    assert again["train"]["resumed_from"] == 2
+    a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    b = load_file(str(resumed_dir / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

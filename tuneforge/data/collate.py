@@ -38,11 +38,16 @@ def flat_sequences(examples: list[Example]) -> list[tuple[TokenizedExample, int,
 def example_margins(examples: list[Example]) -> dict[str, torch.Tensor]:
     """{"margin": (E,) float32}, one per example in batch order (what `sequence_example` indexes), for
     preference examples: how much better the chosen answer is, 0.0 where the data gives no margin or scores.
-    Empty for other examples (pair, prompt), which have no chosen answer."""
+    Empty for other examples (pair, prompt), which have no chosen answer. With reference log-probs attached
+    to every example (objectives/dpo.py `with_reference`), also `ref_logps` (S,), one per sequence in batch
+    order."""
     if not examples or "chosen" not in examples[0].role_names:
         return {}
-    return {"margin": torch.tensor([float((ex.texts or {}).get("margin", 0.0)) for ex in examples],
-                                   dtype=torch.float32)}
+    out = {"margin": torch.tensor([float((ex.texts or {}).get("margin", 0.0)) for ex in examples],
+                                  dtype=torch.float32)}
+    if all("ref_logps" in (ex.texts or {}) for ex in examples):  # precomputed reference (DPO, full fine-tuning)
+        out["ref_logps"] = torch.tensor([v for ex in examples for v in ex.texts["ref_logps"]], dtype=torch.float32)
+    return out
 
 
 def collate_sequences(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ through ONE forward pass (padded one sequence per row, or packed into shared row
 path (only answer positions reach the output head, in chunks).
 
 The reference: under LoRA it is the base with the adapter disabled, the same weights in memory (no second
-copy); it runs without gradients on the same batch. Variants without a reference (simpo, orpo) skip it.
+copy); it runs without gradients on the same batch. Under full fine-tuning the run computes every pair's
+reference log-probs once before the first update (`precompute_reference`) and the batches carry them: no
+second model either. Variants without a reference (simpo, orpo) skip it.
 At the start of a fresh run policy and reference are the same model (LoRA's B is zero), so every pair's
 log-ratio is zero and the sigmoid loss is exactly ln 2: the first batch checks that, and a run whose
 reference is wrong (a policy read as its own reference, a stale adapter, a different base) stops there,
@@ -28,8 +30,9 @@ def _adapter_disabled(tm):
     """The base model's forward: PEFT's context with the adapter off."""
     model = tm.model
     if not hasattr(model, "disable_adapter"):
-        raise TuneforgeError("method dpo needs a reference model: train with lora.enabled=true (the reference is "
-                             "the base with the adapter disabled), or use dpo.loss simpo or orpo, which need none")
+        raise TuneforgeError("method dpo needs a reference: with lora.enabled=true it is the base with the adapter "
+                             "disabled; with full fine-tuning the run precomputes it (tuneforge train does); or use "
+                             "dpo.loss simpo or orpo, which need none")
     return model.disable_adapter()
 
 
@@ -56,7 +59,9 @@ class DPOObjective(Objective):
     def loss(self, module, batch: dict) -> LossOutput:
         logps, counts = sequence_logps(module, batch, self.chunk_size)  # (S,)
         chosen, rejected = pair_index(batch)  # (P,) each
-        ref = self.reference_logps(module, batch) if self.needs_reference else None
+        ref = None
+        if self.needs_reference:  # precomputed (full fine-tuning) or the base with the adapter disabled (LoRA)
+            ref = batch["ref_logps"].to(logps.dtype) if "ref_logps" in batch else self.reference_logps(module, batch)
         if self._check_start:
             self._check_reference(logps.detach(), ref)
         terms = preference_loss(
@@ -92,3 +97,79 @@ class DPOObjective(Objective):
 def make_dpo(cfg) -> DPOObjective:
     d = cfg.dpo
     return DPOObjective(d.loss, d.beta, d.label_smoothing, d.simpo_gamma)
+
+
+class WithReference:
+    """Preference examples with their reference log-probs attached (`texts["ref_logps"]`, one per sequence),
+    which the collators pass on as `batch["ref_logps"]`: full fine-tuning's reference without a second model."""
+
+    def __init__(self, examples, ref: torch.Tensor):
+        self.examples, self.ref = examples, ref  # ref: (N, sequences per example)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def length(self, i: int) -> int:
+        return self.examples.length(i)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        import dataclasses
+        ex = self.examples[i]
+        return dataclasses.replace(ex, texts={**(ex.texts or {}), "ref_logps": self.ref[i].tolist()})
+
+
+@torch.no_grad()
+def reference_logps_of(module, examples, pad_id: int, autocast, device, batch_size: int = 8) -> torch.Tensor:
+    """(N, 2) summed answer log-probs of every example under `module` as it is now (before training)."""
+    from tuneforge.data.collate import collate
+    tm = train_module(module)
+    was_training = tm.training
+    tm.eval()
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        with autocast():
+            logps, _ = sequence_logps(tm, batch, 1024)
+        out.append(logps.float().cpu().view(-1, 2))
+    tm.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def precompute_reference(cfg, module, data, tokenizer, device, autocast, resume: bool):
+    """Full fine-tuning with a reference variant: the reference log-probs of every train and held-out pair,
+    computed once from the model before its first update and kept in the run folder
+    (reference_logps.safetensors, so a resume reads the same ones), attached to the examples. LoRA needs none
+    (the reference is the base with the adapter disabled), nor do simpo and orpo."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from tuneforge.train import distributed as dist
+    if cfg.lora.enabled or cfg.dpo.loss in REFERENCE_FREE:
+        return data
+    path = Path(cfg.train.output_dir) / "reference_logps.safetensors"
+    splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
+    if resume and not path.exists():
+        raise TuneforgeError(f"{path} is missing: a resumed full fine-tuning DPO run needs the reference "
+                             "log-probs its first start computed; start the run again without --resume")
+    if not resume:  # a fresh start computes them from the model as it is now, whatever an old file says
+        if dist.is_main():
+            print("dpo: computing the reference log-probs of every pair once (full fine-tuning)", flush=True)
+            refs = {k: reference_logps_of(module, v, tokenizer.pad_token_id, autocast, device)
+                    for k, v in splits.items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(refs, str(tmp))
+            tmp.replace(path)
+        dist.barrier()
+    refs = load_file(str(path))
+    for k, v in splits.items():
+        if k not in refs or refs[k].shape[0] != len(v):
+            raise TuneforgeError(f"{path} does not match this run's {k} data ({len(v)} pairs): start a new "
+                                 "train.output_dir")
+    data.train = WithReference(data.train, refs["train"])
+    if data.eval is not None:
+        data.eval = WithReference(data.eval, refs["eval"])
+    return data
