@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 DATA = ROOT / "examples" / "demo_prefs" / "train.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -279,8 +279,8 @@ def reward_check(rows, pairs: int, std: float, workdir: str) -> dict:
     trl_model = trainer.model
     perturb_lora_b(trl_model, std)
     n_lora = copy_lora(trl_model, tf_model)
-    score = next(p for n, p in trl_model.named_parameters() if n.endswith("score.modules_to_save.default.weight")
-                 or n.endswith("score.weight"))
+    score = next(p for n, p in trl_model.named_parameters() if n.endswith(("score.modules_to_save.default.weight",
+                                                                               "score.weight")))
     head = torch.nn.Linear(config.hidden_size, 1, bias=False)
     with torch.no_grad():
         head.weight.copy_(score)

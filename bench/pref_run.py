@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from common import serve, spawn  # noqa: E402  (bench/ is the script's folder, first on sys.path)
-from run import StepClock, _reset_peak, _status_kb, summarise  # noqa: E402
+from common import serve, spawn
+from run import StepClock, _reset_peak, _status_kb, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work"
@@ -103,9 +102,10 @@ def _trl_trainer(spec: dict, tok, model, rows: list[dict]):
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
-    common = dict(output_dir=str(Path(spec["workdir"]) / "run"), per_device_train_batch_size=BATCH,
-                  gradient_accumulation_steps=1, num_train_epochs=1, save_strategy="no", report_to="none",
-                  disable_tqdm=True, seed=0, use_cpu=True, dataloader_pin_memory=False, bf16=False, fp16=False)
+    common = {"output_dir": str(Path(spec["workdir"]) / "run"), "per_device_train_batch_size": BATCH,
+              "gradient_accumulation_steps": 1, "num_train_epochs": 1, "save_strategy": "no", "report_to": "none",
+              "disable_tqdm": True, "seed": 0, "use_cpu": True, "dataloader_pin_memory": False, "bf16": False,
+              "fp16": False}
     if spec["side"] == "trl-nockpt":
         common["gradient_checkpointing"] = False
     data = datasets.Dataset.from_list(rows)
@@ -143,7 +143,7 @@ def child_trl(spec: dict) -> dict:
     datasets.disable_progress_bars()
     torch.manual_seed(0)
     model, tok = load_causal_lm(MODEL, dtype="float32")
-    rows = [json.loads(line) for line in open(spec["data"], encoding="utf-8")]
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
