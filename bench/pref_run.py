@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from common import serve, spawn
-from run import StepClock, _reset_peak, _status_kb, summarise
+from run import StepClock, _reset_peak, _status_kb, summarise, timed_train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work"
@@ -59,41 +59,7 @@ def child_tuneforge(spec: dict) -> dict:
         "eval": {"loss": False, "generate": False, "before": False},
     })
     clock, info = StepClock(), {"gradient_checkpointing": False}
-
-    class Done(Exception):
-        pass
-
-    class TimedObjective:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def prepare(self, module, batches):  # once per step, before its forward/backward passes
-            clock.starts.append(time.perf_counter())
-            return self.inner.prepare(module, batches)
-
-    real_fit = tr.fit
-
-    def timed_fit(model, objective, *args, **kwargs):
-        info["setup_peak_kb"] = _status_kb("VmHWM")
-        info["exact_reset"] = _reset_peak()
-        result = real_fit(model, TimedObjective(objective), *args, **kwargs)
-        clock.end = time.perf_counter()
-        clock.real += [int(row["tokens"]) for row in result.history]
-        clock.supervised += [0 for _ in result.history]
-        info["train_peak_kb"] = _status_kb("VmHWM")
-        info["final_loss"] = result.train_loss
-        raise Done  # the numbers are in; skip writing the final model
-
-    tr.fit = timed_fit
-    try:
-        tr.train(cfg)
-    except Done:
-        pass
-    else:
-        raise SystemExit("tuneforge.run.train returned without calling fit")
+    timed_train(tr, cfg, clock, info, supervised_counts=False)
     return summarise(clock, spec["warmup"], info)
 
 

@@ -183,6 +183,13 @@ def child_tuneforge(spec: dict) -> dict:
         "eval": {"loss": False, "generate": False, "before": False},
     })
     clock, info = StepClock(), {}
+    timed_train(tr, cfg, clock, info, before=lambda model: info.update(flop_counts(model)))
+    return summarise(clock, spec["warmup"], {**info, "mask": MASK_TF})
+
+
+def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, supervised_counts: bool = True) -> None:
+    """`tuneforge.run.train(cfg)` (tr: the tuneforge.run module) with `fit` timed step by step into `clock`
+    and peak memory read into `info`; stops once fit returns (evaluation and the final save are skipped)."""
 
     class Done(Exception):
         pass
@@ -201,13 +208,14 @@ def child_tuneforge(spec: dict) -> dict:
     real_fit = tr.fit
 
     def timed_fit(model, objective, *args, **kwargs):
-        info.update(flop_counts(model))
+        if before is not None:
+            before(model)
         info["setup_peak_kb"] = _status_kb("VmHWM")
         info["exact_reset"] = _reset_peak()
         result = real_fit(model, TimedObjective(objective), *args, **kwargs)
         clock.end = time.perf_counter()
         clock.real += [int(row["tokens"]) for row in result.history]
-        clock.supervised += [int(row["count"]) for row in result.history]
+        clock.supervised += [int(row["count"]) if supervised_counts else 0 for row in result.history]
         info["train_peak_kb"] = _status_kb("VmHWM")
         info["final_loss"] = result.train_loss
         info["gpu_peak_gb"] = _gpu_peak()
@@ -220,7 +228,8 @@ def child_tuneforge(spec: dict) -> dict:
         pass
     else:
         raise SystemExit("tuneforge.run.train returned without calling fit")
-    return summarise(clock, spec["warmup"], {**info, "mask": MASK_TF})
+    finally:
+        tr.fit = real_fit
 
 
 # ---------------------------------------------------------------------------------------------- TRL child
