@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from common import serve, spawn
-from run import StepClock, _reset_peak, _status_kb, summarise, timed_train
+from run import StepClock, summarise, timed_train, trl_clock
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work"
@@ -103,7 +102,6 @@ def child_trl(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     import datasets
     import trl
-    from transformers import TrainerCallback
 
     from tuneforge.models.load import load_causal_lm
     datasets.disable_progress_bars()
@@ -126,19 +124,7 @@ def child_trl(spec: dict) -> dict:
 
     trainer.data_collator = counting
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args_, state, control, **kw):
-            info["setup_peak_kb"] = _status_kb("VmHWM")
-            info["exact_reset"] = _reset_peak()
-
-        def on_step_begin(self, args_, state, control, **kw):
-            clock.starts.append(time.perf_counter())
-
-        def on_step_end(self, args_, state, control, **kw):
-            clock.end = time.perf_counter()
-            info["train_peak_kb"] = _status_kb("VmHWM")
-
-    trainer.add_callback(Clock())
+    trainer.add_callback(trl_clock(clock, info))
     out = trainer.train()
     info["final_loss"] = out.training_loss
     steps = len(clock.starts)

@@ -232,6 +232,27 @@ def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, supervised
         tr.fit = real_fit
 
 
+def trl_clock(clock: "StepClock", info: dict, before=None):
+    """A transformers TrainerCallback timing each optimizer step into `clock` and reading peak memory."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args_, state, control, **kw):
+            if before is not None:
+                before()
+            info["setup_peak_kb"] = _status_kb("VmHWM")
+            info["exact_reset"] = _reset_peak()
+
+        def on_step_begin(self, args_, state, control, **kw):
+            clock.starts.append(time.perf_counter())
+
+        def on_step_end(self, args_, state, control, **kw):
+            clock.end = time.perf_counter()
+            info["train_peak_kb"] = _status_kb("VmHWM")
+
+    return Clock()
+
+
 # ---------------------------------------------------------------------------------------------- TRL child
 
 def generation_marked(template: str) -> str:
@@ -253,7 +274,6 @@ def child_trl(spec: dict) -> dict:
     import datasets
     import trl
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tuneforge.models.load import load_causal_lm
@@ -291,20 +311,7 @@ def child_trl(spec: dict) -> dict:
     from common import count_batches
     batches = count_batches(trainer)
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args_, state, control, **kw):
-            info.update(flop_counts(trainer.model))
-            info["setup_peak_kb"] = _status_kb("VmHWM")
-            info["exact_reset"] = _reset_peak()
-
-        def on_step_begin(self, args_, state, control, **kw):
-            clock.starts.append(time.perf_counter())
-
-        def on_step_end(self, args_, state, control, **kw):
-            clock.end = time.perf_counter()
-            info["train_peak_kb"] = _status_kb("VmHWM")
-
-    trainer.add_callback(Clock())
+    trainer.add_callback(trl_clock(clock, info, before=lambda: info.update(flop_counts(trainer.model))))
     out = trainer.train()
     info["final_loss"] = out.training_loss
     info["gpu_peak_gb"] = _gpu_peak()
