@@ -17,7 +17,7 @@ import torch
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
-from tuneforge.data.packing import PackedExamples, collate_packed
+from tuneforge.data.packing import PackedExamples, collate_packed, example_lengths
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fsutil import atomic_write_text
 from tuneforge.methods import method_of
@@ -94,7 +94,7 @@ def batching(cfg: RunConfig, data, tokenizer, packed: bool):
         return data.train, data.eval, lambda b: collate(b, pad), cfg.train
     t, d = cfg.train, cfg.data
     # a row must fit the longest example (a preference example holds two sequences of up to max_length)
-    longest = max((data.train.length(i) for i in range(len(data.train))), default=d.max_length)
+    longest = max(example_lengths(data.train), default=d.max_length)
     budget = max(t.micro_batch_tokens or d.max_length, d.max_length, longest)
     rows_per_step = max(1, math.ceil(t.micro_batch_size * t.grad_accum * d.max_length / budget))
     settings = t.model_copy(update={"micro_batch_size": 1, "grad_accum": rows_per_step})

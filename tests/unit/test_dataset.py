@@ -45,3 +45,14 @@ def test_over_long_examples_are_dropped_and_counted(tmp_path, tiny_model_dir, ti
     cfg.data.truncation = "left"
     data = prepare_data(cfg, tiny_tokenizer, "chat")
     assert len(data.train) == 2 and data.stats["train"]["truncated_left"] == 1
+
+
+def test_cache_lengths_at_once_equal_each_examples_length(tiny_model_dir, tmp_path):
+    """Packing and length grouping read every example's length through `lengths()` (from the offsets)."""
+    from helpers.runs import method_config
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.run import prepare
+    tok = load_tokenizer(str(tiny_model_dir))
+    for method in ("sft", "dpo"):  # one sequence per example; two (chosen, rejected)
+        data = prepare(method_config(method, tiny_model_dir, tmp_path / "data", tmp_path / method), tok).train
+        assert data.lengths() == [data.length(i) for i in range(len(data))] and len(data) > 0

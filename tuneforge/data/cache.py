@@ -172,6 +172,11 @@ class CachedExamples(Sequence):
         first, end = self._sequence_range(i)
         return int(self._offsets[end] - self._offsets[first])
 
+    def lengths(self) -> list[int]:
+        """Every example's `length`, from the offsets at once (packing and length grouping read them all)."""
+        bounds = self._offsets if self._examples is None else self._offsets[np.asarray(self._examples)]
+        return np.diff(np.asarray(bounds)).tolist()
+
     def num_sequences(self, i: int) -> int:
         first, end = self._sequence_range(i)
         return end - first

@@ -45,6 +45,15 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def example_lengths(examples) -> list[int]:
+    """Total tokens of every example: from a token cache's offsets at once where it has them."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths()
+    if hasattr(examples, "length"):
+        return [examples.length(i) for i in range(len(examples))]
+    return [len(ex) for ex in examples]
+
+
 class PackedExamples(Sequence):
     """Rows of examples: item i is the list of examples packed into row i. An example counts with its total
     length (all its sequences), so a multi-sequence example is never split across rows: `capacity` must hold
@@ -52,9 +61,7 @@ class PackedExamples(Sequence):
 
     def __init__(self, examples, capacity: int):
         self.examples, self.capacity = examples, capacity
-        lengths = [examples.length(i) if hasattr(examples, "length") else len(examples[i])
-                   for i in range(len(examples))]
-        self.rows = pack_bins(lengths, capacity)
+        self.rows = pack_bins(example_lengths(examples), capacity)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -112,6 +112,10 @@ class WithReference:
     def length(self, i: int) -> int:
         return self.examples.length(i)
 
+    def lengths(self) -> list[int]:
+        from tuneforge.data.packing import example_lengths
+        return example_lengths(self.examples)
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]

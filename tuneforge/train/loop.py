@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.data.packing import example_lengths
 from tuneforge.errors import TuneforgeError
 from tuneforge.models.heads import as_train_module, train_module
 from tuneforge.train import checkpoint as ckpt
@@ -114,7 +115,7 @@ def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool =
     n, per_batch = len(train_data), objective.updates_per_batch
     total = total_steps(n, s, world)
     total_updates = total * per_batch
-    lengths = tuple(train_data.length(i) for i in range(n)) if group_by_length else None
+    lengths = tuple(example_lengths(train_data)) if group_by_length else None
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_updates)
     layout = {"examples": n, "total_steps": total, "seed": s.seed, "micro_batch_size": s.micro_batch_size,
               "grad_accum": s.grad_accum, "world_size": world, "updates_per_batch": per_batch}
