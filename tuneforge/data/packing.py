@@ -146,4 +146,6 @@ def real_tokens(batch: dict) -> int:
     """Non-pad tokens of a padded or packed batch."""
     if "num_real" in batch:
         return int(batch["num_real"])
-    return int(batch["attention_mask"].sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuneforge.data.packing import example_lengths
+from tuneforge.data.packing import example_lengths, real_tokens
 from tuneforge.errors import TuneforgeError
 from tuneforge.models.heads import as_train_module, train_module
 from tuneforge.train import checkpoint as ckpt
@@ -226,15 +226,6 @@ def _apply_update(module, objective, micro_batches, params, optimizer, autocast,
     for key, (s, c) in totals.metrics.items():
         row[key] = s / c if c else None
     return row
-
-
-def real_tokens(batch: dict) -> int:
-    """Non-pad tokens of a padded or packed batch."""
-    if "num_real" in batch:
-        return int(batch["num_real"])
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
 
 
 def _scale_grads(params, factor: float) -> None:
