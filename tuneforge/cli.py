@@ -48,13 +48,9 @@ def _print_comparison(results: dict) -> None:
 
 def cmd_data_inspect(args) -> int:
     from tuneforge.data.audit import format_example
-    from tuneforge.models.load import load_tokenizer
+    from tuneforge.run import load_tokenizer_of, prepare
     cfg = _config(args)
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.data.chat_template:
-        tokenizer.chat_template = cfg.data.chat_template
-    from tuneforge.run import prepare
-    data = prepare(cfg, tokenizer, rebuild=True)
+    data = prepare(cfg, load_tokenizer_of(cfg), rebuild=True)
     color = sys.stdout.isatty() and not args.no_color
     for i in range(min(args.n, len(data.train))):
         ex = data.train[i]
@@ -149,9 +145,11 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from tuneforge import preflight
     from tuneforge.run import evaluate
-    cfg = _config(args, extra_inputs=[preflight.adapter_input("--adapter", args.adapter)] if args.adapter else [])
+    extra = [preflight.adapter_input("--adapter", args.adapter)] if args.adapter else []
+    extra += [preflight.Input("--model", args.model, kind="folder")] if args.model else []
+    cfg = _config(args, extra_inputs=extra)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone (`tuneforge eval cfg | jq`)
-        result = evaluate(cfg, adapter=args.adapter)
+        result = evaluate(cfg, adapter=args.adapter, model_dir=args.model)
     print(json.dumps(result, indent=1, default=str))
     return 0
 
@@ -262,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out loss and task accuracy of a model (and adapter)")
     with_config(e)
     e.add_argument("--adapter", help="LoRA adapter folder to evaluate on top of the config's model")
+    e.add_argument("--model", help="method reward: the trained reward model to evaluate (a run's final/ folder)")
     e.set_defaults(func=cmd_eval)
 
     sc = sub.add_parser("score", help="rewards from a reward model (method reward), as JSON lines")

@@ -81,6 +81,12 @@ def _save_reward_model(cfg, module, tokenizer, folder: Path) -> None:
     save_reward_model(module, tokenizer, folder, adapter_base_name(cfg), cfg.data.system_prompt)
 
 
+def _evaluate_reward_model(cfg, data, model_dir: str) -> dict:
+    """A saved reward model (a run's final/) on the held-out pairs the config builds."""
+    from tuneforge.eval.reward import held_out_pairs, load_scorer
+    return held_out_pairs(load_scorer(model_dir), data.eval, cfg.train.micro_batch_size)
+
+
 @dataclass(frozen=True)
 class Method:
     builder: str  # data builder name
@@ -91,6 +97,9 @@ class Method:
     # (cfg, module, data, tokenizer, device, autocast, resume) -> data: a pass over the data before training
     # (DPO under full fine-tuning: the reference log-probs)
     before_fit: Callable | None = None
+    # (cfg, prepared data, model_dir) -> held-out metrics: how `tuneforge eval --model DIR` scores a saved result
+    # of a method whose result is not the config's model plus an adapter (a reward model: body and head)
+    evaluate_saved: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -99,7 +108,7 @@ METHODS: dict[str, Method] = {
     "dpo": Method("preference", _dpo_objective, _preference_generation_records, _save_causal_lm,
                   before_fit=_dpo_reference),
     "reward": Method("preference", _reward_objective, _no_generation_records, _save_reward_model,
-                     heads=_reward_heads),
+                     heads=_reward_heads, evaluate_saved=_evaluate_reward_model),
 }
 
 

@@ -58,6 +58,15 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
     return model, tokenizer
 
 
+def load_tokenizer_of(cfg: RunConfig):
+    """The config's tokenizer alone (with data.chat_template applied), as load_model_and_tokenizer gives it."""
+    from tuneforge.models.load import load_tokenizer
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = cfg.data.chat_template
+    return tokenizer
+
+
 def make_objective(cfg: RunConfig):
     return method_of(cfg).objective(cfg)
 
@@ -240,8 +249,9 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
-def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
-    """Held-out loss (and task accuracy when eval.generate) of the config's model, optionally with an adapter.
+def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None = None) -> dict:
+    """Held-out loss (and task accuracy when eval.generate) of the config's model, optionally with an adapter;
+    for a method whose result is its own model (a reward model), of the saved result `model_dir`.
 
     Held-out means data.eval or the data.eval_fraction split: without one there is nothing held out, and
     scoring the training data instead would look like a held-out result, so it is refused."""
@@ -250,6 +260,19 @@ def evaluate(cfg: RunConfig, adapter: str | None = None) -> dict:
         raise ConfigError("no held-out data: set data.eval (a file) or data.eval_fraction (a share of "
                           "data.train); tuneforge eval does not score training data as if it were held out",
                           key="data.eval")
+    method = method_of(cfg)
+    if method.heads is not None or model_dir is not None:
+        if method.evaluate_saved is None:
+            raise ConfigError(f"--model is for methods whose result is a model of its own (reward); for method "
+                              f"{cfg.method} set model.name (and --adapter for a LoRA run)", key="method")
+        if model_dir is None:
+            raise ConfigError(f"method {cfg.method}: the config's model has no trained {cfg.method} head; pass the "
+                              "trained model with --model RUN_DIR/final", key="method")
+        setup_runtime(cfg)
+        data = prepare(cfg, load_tokenizer_of(cfg))  # the held-out pairs as training built them
+        if data.eval is None:
+            raise ConfigError("the held-out split is empty (every record went to training)", key="data.eval")
+        return {"loss": method.evaluate_saved(cfg, data, model_dir)}
     device = setup_runtime(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     if adapter:

@@ -147,3 +147,23 @@ def test_score_command(tiny_model_dir, tmp_path, capsys):
     assert main(["score", "--model", str(final), "--data", str(data)]) == 2
     assert f"{data}, line 1, field 'chosen'" in capsys.readouterr().err
     assert main(["score", "--model", str(final), "--prompt", "only a prompt"]) == 2
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_eval_command_scores_the_saved_reward_model(tiny_model_dir, tmp_path, capsys, lora):
+    """`tuneforge eval CFG --model RUN/final` gives the held-out metrics training's final evaluation gave (the
+    saved classifier on the same held-out pairs); without --model it says what to pass."""
+    from tuneforge.cli import main
+    cfg = method_config("reward", tiny_model_dir, tmp_path / "data", tmp_path / "run", max_steps=6, lora=lora)
+    cfg.data.eval_fraction, cfg.eval.loss = 0.25, True
+    res = train(cfg)
+    config = tmp_path / "run" / "config.yaml"
+    capsys.readouterr()
+    assert main(["eval", str(config), "--model", str(tmp_path / "run" / "final")]) == 0
+    got = json.loads(capsys.readouterr().out)["loss"]
+    want = res["train"]["eval"]
+    assert got["pairs"] > 0
+    for key in ("loss", "accuracy", "reward_margin", "reward_chosen", "reward_rejected"):
+        assert got[key] == pytest.approx(want[key], abs=2e-5), key
+    assert main(["eval", str(config)]) == 2
+    assert "--model RUN_DIR/final" in capsys.readouterr().err

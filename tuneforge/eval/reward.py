@@ -60,8 +60,14 @@ class RewardScorer:
     def __call__(self, prompts: list[str], responses: list[str], batch_size: int = 8) -> list[float]:
         if len(prompts) != len(responses):
             raise TuneforgeError(f"{len(prompts)} prompts but {len(responses)} responses")
-        device = next(self.model.parameters()).device
         rows = [encode_answer(self.tokenizer, p, r, self.system_prompt) for p, r in zip(prompts, responses)]
+        return self.score_ids(rows, batch_size)
+
+    @torch.no_grad()
+    def score_ids(self, rows: list[list[int]], batch_size: int = 8) -> list[float]:
+        """Rewards of already rendered answers (token ids of prompt + answer, as the preference builder makes
+        them), right-padded, each read at its last real token by position."""
+        device = next(self.model.parameters()).device
         out: list[float] = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -75,6 +81,24 @@ class RewardScorer:
             picked = hidden[torch.arange(len(chunk), device=device), last]  # (b, H)
             out += self.model.score(picked.float()).squeeze(-1).tolist()
         return out
+
+
+def held_out_pairs(scorer: RewardScorer, examples, batch_size: int = 8) -> dict:
+    """The held-out metrics of training's evaluation (Bradley-Terry loss per pair, pairwise accuracy, mean
+    margin and rewards) for a saved reward model, on preference examples built by the run's own data pipeline
+    (the same tokens training scored): `tuneforge eval` of a reward run."""
+    from tuneforge.objectives.reward import bradley_terry_loss
+    if len(examples) == 0:
+        raise TuneforgeError("the held-out split has no preference pairs")
+    exs = [examples[i] for i in range(len(examples))]
+    rewards = torch.tensor(scorer.score_ids([s.input_ids for ex in exs for s in (ex["chosen"], ex["rejected"])],
+                                            batch_size)).view(-1, 2)
+    margin = torch.tensor([float((ex.texts or {}).get("margin", 0.0)) for ex in exs])
+    loss, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin)
+    out = {"loss": float(loss) / len(exs)}
+    out.update({k: s / c for k, (s, c) in metrics.items()})
+    out["pairs"] = len(exs)
+    return out
 
 
 @functools.lru_cache(maxsize=2)
