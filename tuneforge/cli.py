@@ -50,7 +50,8 @@ def cmd_data_inspect(args) -> int:
     from tuneforge.data.audit import format_example
     from tuneforge.run import load_tokenizer_of, prepare
     cfg = _config(args)
-    data = prepare(cfg, load_tokenizer_of(cfg), rebuild=True)
+    tokenizer = load_tokenizer_of(cfg)
+    data = prepare(cfg, tokenizer, rebuild=True)
     color = sys.stdout.isatty() and not args.no_color
     for i in range(min(args.n, len(data.train))):
         ex = data.train[i]
