@@ -101,6 +101,9 @@ def _metrics(results: dict) -> list[str]:
     for key, name in (("exact", "task accuracy, exact"), ("lenient", "task accuracy, lenient")):
         if key in base or key in tuned:
             rows.append((name, _pct(base.get(key)), _pct(tuned.get(key))))
+    if "over_base" in tuned:
+        rows.append(("win rate of tuned answers over the base's (rule-judged, ties half)", "",
+                     _pct(tuned["over_base"]["win_rate"])))
     if not rows:
         return []
     n = tuned.get("n") or base.get("n")

@@ -42,6 +42,10 @@ def _print_comparison(results: dict) -> None:
         print("\nheld-out task accuracy      exact    lenient")
         print(f"  base model              {b['exact']:7.1%}   {b['lenient']:7.1%}")
         print(f"  tuned model             {u['exact']:7.1%}   {u['lenient']:7.1%}")
+        if "over_base" in u:
+            w = u["over_base"]
+            print(f"  tuned vs base, answer by answer: win rate {w['win_rate']:.1%} ({w['wins']} better, "
+                  f"{w['ties']} tied, {w['losses']} worse)")
     if results.get("final_dir"):
         print(f"saved: {results['final_dir']}")
 

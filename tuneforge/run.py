@@ -221,6 +221,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     dist.barrier()
     if gen_records:
         results["tuned"] = _task_eval_main(cfg, module.model, tokenizer, gen_records, "tuned")
+        if dist.is_main() and results.get("base"):
+            from tuneforge.eval.task import win_rate
+            results["tuned"]["over_base"] = win_rate(results["base"], results["tuned"])
         if dist.is_main():
             from tuneforge.card import write_model_card
             write_model_card(results["final_dir"], cfg, results)  # now with the tuned model's numbers

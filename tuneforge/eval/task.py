@@ -29,6 +29,18 @@ def task_accuracy(model, tokenizer, records, max_new_tokens: int = 32, batch_siz
         "exact": sum(s["exact"] for s in scores) / n,
         "lenient": sum(s["lenient"] for s in scores) / n,
         "n": len(scores),
+        "per_example": [[s["exact"], s["lenient"]] for s in scores],
         "samples": [{"prompt": p[-1]["content"], "reference": r, "output": o}
                     for p, r, o in list(zip(prompts, refs, outputs))[:5]],
     }
+
+
+def win_rate(base: dict, tuned: dict) -> dict:
+    """Rule-judged head-to-head of the tuned model's answers against the base model's on the same prompts: an
+    answer beats the other when its (exact, lenient) score is higher (an exact answer beats a lenient one, a
+    lenient one beats neither); equal scores are a tie, counted half. `win_rate` = (wins + ties / 2) / n."""
+    pairs = list(zip(base["per_example"], tuned["per_example"]))
+    wins = sum(tuple(t) > tuple(b) for b, t in pairs)
+    losses = sum(tuple(t) < tuple(b) for b, t in pairs)
+    ties = len(pairs) - wins - losses
+    return {"win_rate": (wins + ties / 2) / max(len(pairs), 1), "wins": wins, "ties": ties, "losses": losses}

@@ -41,9 +41,19 @@ class Objective:
 
     unit = "tokens"
     updates_per_batch = 1
+    eval_key = "loss"  # the held-out metric whose count is reported (online RL: "reward", there is no loss)
 
-    def start(self, module, resumed: bool) -> None:
-        """Called once when training starts (after a resume's restore), before the first batch."""
+    def start(self, module, resumed: bool, step: int = 0) -> None:
+        """Called once when training starts (after a resume's restore), before the first batch of data;
+        `step` is the number of batches of data already done."""
+
+    def state_dict(self) -> dict:
+        """What the method must carry across a resume besides weights, optimizer and RNG (an adaptive KL
+        coefficient): JSON-able, saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` from the checkpoint a run resumes from."""
 
     def prepare(self, module, micro_batches: list[dict]) -> list[list[dict]]:
         """One batch of data -> the updates it yields, each a list of micro-batches."""

@@ -46,7 +46,7 @@ class DPOObjective(Objective):
         self.needs_reference = variant not in REFERENCE_FREE
         self._check_start = False
 
-    def start(self, module, resumed: bool) -> None:
+    def start(self, module, resumed: bool, step: int = 0) -> None:
         self._check_start = self.needs_reference and not resumed
 
     @torch.no_grad()

@@ -99,6 +99,11 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def to_device_batch(batch: dict, device) -> dict:
+    """Tensors moved to `device`; anything else a collator passes (online RL's prompt examples) as it is."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool = False,
         extra_checkpoint_writer=None, device: torch.device | None = None,
         group_by_length: bool = False) -> FitResult:
@@ -119,13 +124,13 @@ def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool =
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_updates)
     layout = {"examples": n, "total_steps": total, "seed": s.seed, "micro_batch_size": s.micro_batch_size,
               "grad_accum": s.grad_accum, "world_size": world, "updates_per_batch": per_batch}
-    step, bad_steps = _restore(tm, optimizer, s.output_dir, layout) if resume else (0, 0)
+    step, bad_steps = _restore(tm, optimizer, s.output_dir, layout, objective) if resume else (0, 0)
     logger = MetricsLogger(s.output_dir, s.tensorboard) if main else None
     progress = Progress(total, step, s.progress and main)
     result = FitResult(steps=step, train_loss=None, resumed_from=step)
-    to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    to_device = lambda b: to_device_batch(b, device)  # noqa: E731
     seen_tokens, t_start, row = 0, time.perf_counter(), {}
-    objective.start(module, resumed=step > 0)
+    objective.start(module, resumed=step > 0, step=step)
     with _StopFlag() as stop:
         while step < total:
             batches = [dict(to_device(collate([train_data[i] for i in idx])), is_real=real)
@@ -155,7 +160,7 @@ def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool =
                 _log_eval(module, objective, eval_data, collate, autocast, device, step, logger, progress, s)
             stopping = not dist.all_agree(not stop.raised)
             if (s.save_every and step % s.save_every == 0) or stopping:
-                _save(tm, optimizer, step, s, extra_checkpoint_writer, layout, bad_steps)
+                _save(tm, optimizer, step, s, extra_checkpoint_writer, layout, bad_steps, objective)
             if stopping:
                 progress.write(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
                 result.interrupted = True
@@ -263,12 +268,12 @@ def evaluate(module, objective, data, collate, batch_size: int, autocast, device
     tm.eval()
     world, rank = dist.world_size(), dist.rank()
     starts = range(rank * batch_size, len(data), batch_size * world)
-    batches = ({k: v.to(device) for k, v in collate(data[i:i + batch_size]).items()} for i in starts)
+    batches = (to_device_batch(collate(data[i:i + batch_size]), device) for i in starts)
     local = objective.evaluate(tm, batches, autocast)
     keys = dist.union_keys(sorted(local))
     flat = dist.all_sum([v for key in keys for v in local.get(key, (0.0, 0.0))])
     metrics = {key: flat[2 * j] / flat[2 * j + 1] if flat[2 * j + 1] else None for j, key in enumerate(keys)}
-    metrics["count"] = flat[2 * keys.index("loss") + 1]
+    metrics["count"] = flat[2 * keys.index(objective.eval_key) + 1]
     if objective.unit == "tokens" and metrics.get("loss") is not None:
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     tm.train(was_training)
@@ -285,18 +290,19 @@ def _log_eval(module, objective, eval_data, collate, autocast, device, step, log
     return metrics
 
 
-def _save(tm, optimizer, step: int, s, extra_writer, layout: dict, bad_steps: int) -> None:
+def _save(tm, optimizer, step: int, s, extra_writer, layout: dict, bad_steps: int, objective) -> None:
     """Rank 0 writes the checkpoint (replicated state under DDP); the others wait until it is complete."""
     if dist.is_main():
         epoch, batch = divmod(step, steps_per_epoch(layout["examples"], s, layout["world_size"]))
         # The step alone fixes data position and schedule; the rest is written for people and for checks.
-        state = {**layout, "epoch": epoch, "batch_in_epoch": batch, "bad_steps": bad_steps}
+        state = {**layout, "epoch": epoch, "batch_in_epoch": batch, "bad_steps": bad_steps,
+                 "objective": objective.state_dict()}
         ckpt.save_checkpoint(s.output_dir, step, ckpt.trainable_state_dict(tm), optimizer, state,
                              keep_last=s.keep_last, extra_writer=extra_writer)
     dist.barrier()
 
 
-def _restore(tm, optimizer, run_dir, layout: dict) -> tuple[int, int]:
+def _restore(tm, optimizer, run_dir, layout: dict, objective) -> tuple[int, int]:
     """(step, bad steps so far) from the newest readable checkpoint; (0, 0) when there is none."""
     found = ckpt.load_latest(run_dir, warn=lambda message: print(f"warning: {message}", flush=True))
     if found is None:
@@ -310,4 +316,5 @@ def _restore(tm, optimizer, run_dir, layout: dict) -> tuple[int, int]:
     ckpt.load_trainable_state_dict(tm, weights, where=str(path))
     ckpt.optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
     ckpt.set_rng_state(rng_tensors, state["rng"])
+    objective.load_state_dict(state.get("objective") or {})
     return int(state["step"]), int(state.get("bad_steps", 0))
