@@ -24,6 +24,8 @@ def test_demo_recipe_runs_a_few_steps_on_smollm2(tmp_path):
     results = train(cfg)
     assert results["train"]["steps"] == 3
     assert results["base"]["n"] == 4 and results["tuned"]["n"] == 4
+    w = results["tuned"]["over_base"]  # answer-by-answer comparison with the base model's
+    assert w["wins"] + w["ties"] + w["losses"] == 4 and 0.0 <= w["win_rate"] <= 1.0
     # the real template: SmolLM2's ChatML, pad == end-of-turn, and the adapter saved in PEFT format
     config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["peft_type"] == "LORA"
