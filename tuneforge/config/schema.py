@@ -9,9 +9,11 @@ builder, objective, evaluation and saved result) is its entry in tuneforge/metho
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Method = Literal["clm", "sft", "dpo", "reward"]  # later: contrastive, ppo, grpo, rloo
 
@@ -144,8 +146,41 @@ class DPOSection(Section):
     """simpo: the target reward margin."""
 
 
+_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+
+
+class RewardFunctionSpec(Section):
+    """One entry of rl.reward_functions: `module:function`, its weight in the sum, keyword arguments bound."""
+    name: str
+    """"module:function", e.g. "tuneforge.rl.rewards:number_match" or "my_rewards:brevity"."""
+    weight: float = 1.0
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments bound to the function (e.g. {pattern: "^yes"} for tuneforge.rl.rewards:regex)."""
+
+    @field_validator("name")
+    @classmethod
+    def _module_colon_function(cls, value: str) -> str:
+        if not _FUNCTION_NAME.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not \"module:function\" (e.g. tuneforge.rl.rewards:exact_answer)")
+        return value.strip()
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("the weight must be a finite number")
+        return value
+
+
 class RLSection(Section):
     """Online reinforcement learning (methods ppo, grpo, rloo): read only by those methods."""
+    reward_model: str | None = None
+    """A tuneforge reward model: the final/ folder of a `method: reward` run (or the run folder)."""
+    reward_model_weight: float = 1.0
+    """The reward model's weight in the summed reward (next to each function's weight)."""
+    reward_functions: list[RewardFunctionSpec] = Field(default_factory=list)
+    """"module:function" strings or {name, weight, args} entries, called as fn(prompts, completions,
+    references, **args) -> list[float] (tuneforge/rl/rewards.py; shipped ones are tuneforge.rl.rewards:NAME)."""
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -159,6 +194,23 @@ class RLSection(Section):
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     lam: float = Field(0.95, ge=0.0, le=1.0)
     clip_range: float = Field(0.2, gt=0)
+
+    @field_validator("reward_functions", mode="before")
+    @classmethod
+    def _names_as_entries(cls, value):
+        """A bare "module:function" string is the entry {name: it} (weight 1, no arguments)."""
+        if isinstance(value, (str, dict)):
+            value = [value]  # one entry given without a list
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("reward_model_weight")
+    @classmethod
+    def _finite_weight(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("the weight must be a finite number")
+        return value
 
 
 class RewardSection(Section):

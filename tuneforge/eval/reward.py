@@ -26,6 +26,15 @@ def reward_folder(model_dir) -> Path:
         path = path / "final"
     if not (path / "config.json").is_file():
         raise TuneforgeError(f"{model_dir}: not a reward model folder (no config.json; pass a run's final/)")
+    # a causal LM folder would load as a classifier with a fresh random head and score noise without a word
+    try:
+        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise TuneforgeError(f"{path / 'config.json'}: unreadable: {exc}") from exc
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise TuneforgeError(f"{model_dir}: not a reward model folder (config.json names {architectures or 'no'} "
+                             "architecture, not a *ForSequenceClassification: pass the final/ of a "
+                             "`method: reward` run)")
     return path
 
 
@@ -107,6 +116,8 @@ def load_scorer(model_dir: str, device: str | None = None) -> RewardScorer:
     return RewardScorer(model_dir, device)
 
 
-def score(model_dir, prompts: list[str], responses: list[str], batch_size: int = 8) -> list[float]:
-    """Rewards of `responses` to `prompts` (one each) from the reward model in `model_dir` (a run's final/)."""
-    return load_scorer(str(model_dir))(prompts, responses, batch_size)
+def score(model_dir, prompts: list[str], responses: list[str], batch_size: int = 8,
+          device: str | None = None) -> list[float]:
+    """Rewards of `responses` to `prompts` (one each) from the reward model in `model_dir` (a run's final/),
+    on `device` (default: where transformers loads it, the CPU)."""
+    return load_scorer(str(model_dir), None if device is None else str(device))(prompts, responses, batch_size)

@@ -1,0 +1,1 @@
+"""Online reinforcement learning (ppo, grpo, rloo): rollouts, advantages, KL control, rewards."""
