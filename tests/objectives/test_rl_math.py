@@ -329,6 +329,15 @@ def test_an_empty_sequence_counts_as_a_sequence_and_adds_nothing():
     assert out.loss_sum.item() == pytest.approx(-(2.0 + 0.0 - 2.0)) and out.count == 3.0
 
 
+def test_a_micro_batch_without_tokens_reports_the_same_metric_names_with_zero_counts():
+    empty, none = torch.zeros(0, dtype=torch.float64, requires_grad=True), torch.zeros(0, dtype=torch.long)
+    full = clipped_policy_loss(*policy_inputs(), seg(), 3, loss_type="grpo")
+    out = clipped_policy_loss(empty, empty.detach(), empty.detach(), none, 2, loss_type="grpo")
+    assert out.loss_sum.item() == 0.0 and out.count == 2.0
+    assert sorted(out.metrics) == sorted(full.metrics)
+    assert all(count == 0.0 for _, count in out.metrics.values())
+
+
 def test_policy_loss_refuses_bad_settings():
     logps, old, adv = policy_inputs()
     with pytest.raises(TuneforgeError, match="unknown loss_type"):

@@ -89,7 +89,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     surrogate is constant and its gradient zero. Metrics: clip_fraction (with clip_low_fraction and
     clip_high_fraction, its two sides), approx_kl (k3 of the sampling policy against the current one:
     KL(old || new)), ratio_mean, kl (to the reference, when ref_logps is given), all per token; ratio_min and
-    ratio_max as (extreme, 1): over several micro-batches the loop reports the mean of their extremes.
+    ratio_max as (extreme, 1): over several micro-batches the loop reports the mean of their extremes (exact
+    with one micro-batch per update; a true min/max over the update needs a min/max reduction in the loop).
     """
     eps_high = eps_low if eps_high is None else eps_high
     if not (0 <= eps_low < 1 and eps_high >= 0):
@@ -123,8 +124,9 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
             clip_high_fraction=_fraction(high),
             approx_kl=(float(kl_per_token(old_logps.detach(), logps.detach(), "k3").sum()), n),
             ratio_mean=(float(r.sum()), n))
-        if r.numel():
-            metrics.update(ratio_min=(float(r.min()), 1.0), ratio_max=(float(r.max()), 1.0))
+        # the same names from every micro-batch (ranks add them by name); a token-less one adds (0, 0)
+        extremes = (float(r.min()), float(r.max()), 1.0) if r.numel() else (0.0, 0.0, 0.0)
+        metrics.update(ratio_min=(extremes[0], extremes[2]), ratio_max=(extremes[1], extremes[2]))
     return LossOutput(loss_sum, count, metrics)
 
 
