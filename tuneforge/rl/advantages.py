@@ -79,7 +79,8 @@ def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
     raise as many tokens as it lowers, which steadies PPO when the critic is still poor. shift_mean=False adds
     the mean back and only rescales: for rewards, whose sign means something. The variance is the population
     variance (divide by n): defined for a single token and n/(n-1) off the sample variance, which is nothing
-    over an update's hundreds of tokens. Tokens outside `mask` come back as 0.
+    over an update's hundreds of tokens. Tokens outside `mask` come back as 0. Under data parallelism these are
+    one rank's statistics; global ones would need the sum, square sum and count all-reduced first.
     """
     chosen = values if mask is None else values[mask.bool()]
     if chosen.numel() == 0:
