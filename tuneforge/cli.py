@@ -16,8 +16,10 @@ def _config(args, extra_inputs=()):
     """The run config, after every path the command will read (data, a local model, flags) is checked."""
     from tuneforge import preflight
     from tuneforge.config import load_config
+    from tuneforge.rl.rewards import check_reward_sources
     cfg = load_config(args.config, args.overrides)
     preflight.check_inputs(preflight.config_inputs(cfg) + list(extra_inputs))
+    check_reward_sources(cfg)  # online RL: reward functions import, the reward model folder exists
     return cfg
 
 

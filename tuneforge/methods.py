@@ -43,17 +43,17 @@ def _no_generation_records(cfg, data) -> list:
     return []
 
 
-def _sft_objective(cfg):
+def _sft_objective(cfg, tokenizer=None):
     from tuneforge.objectives.sft import SFTObjective
     return SFTObjective()
 
 
-def _clm_objective(cfg):
+def _clm_objective(cfg, tokenizer=None):
     from tuneforge.objectives.clm import CausalLMObjective
     return CausalLMObjective()
 
 
-def _dpo_objective(cfg):
+def _dpo_objective(cfg, tokenizer=None):
     from tuneforge.objectives.dpo import make_dpo
     return make_dpo(cfg)
 
@@ -63,7 +63,7 @@ def _dpo_reference(*args, **kwargs):
     return precompute_reference(*args, **kwargs)
 
 
-def _reward_objective(cfg):
+def _reward_objective(cfg, tokenizer=None):
     from tuneforge.objectives.reward import RewardObjective
     return RewardObjective(cfg.reward.center_coef)
 
@@ -71,6 +71,27 @@ def _reward_objective(cfg):
 def _reward_heads(cfg, model):
     from tuneforge.models.reward import make_reward_head
     return make_reward_head(cfg, model)
+
+
+def _online_rl_objective(algorithm: str) -> Callable:
+    def build(cfg, tokenizer=None):
+        from tuneforge.objectives.online_rl import make_online_rl
+        if tokenizer is None:
+            raise ValueError(f"method {algorithm} needs the tokenizer (stop tokens, decoding completions)")
+        return make_online_rl(cfg, tokenizer, algorithm)
+    return build
+
+
+def _value_head(cfg, model):
+    from tuneforge.objectives.online_rl import make_value_head
+    return make_value_head(cfg, model)
+
+
+def _prompt_batches(cfg, data, tokenizer):
+    """Online RL: batches of prompt examples as they are (the objective samples, scores and packs the
+    rollouts itself), the config's micro-batch shape."""
+    keep = lambda examples: {"examples": list(examples)}  # noqa: E731
+    return data.train, data.eval, keep, cfg.train
 
 
 def _save_reward_model(cfg, module, tokenizer, folder: Path) -> None:
@@ -90,7 +111,7 @@ def _evaluate_reward_model(cfg, data, model_dir: str) -> dict:
 @dataclass(frozen=True)
 class Method:
     builder: str  # data builder name
-    objective: Callable  # cfg -> Objective
+    objective: Callable  # (cfg, tokenizer) -> Objective
     generation_records: Callable  # (cfg, prepared data) -> held-out records scored by generation
     save: Callable  # (cfg, TrainModule, tokenizer, folder) -> None
     heads: Callable | None = None  # (cfg, model) -> {name: nn.Module}: extra heads trained with the model
@@ -100,6 +121,9 @@ class Method:
     # (cfg, prepared data, model_dir) -> held-out metrics: how `tuneforge eval --model DIR` scores a saved result
     # of a method whose result is not the config's model plus an adapter (a reward model: body and head)
     evaluate_saved: Callable | None = None
+    # (cfg, prepared data, tokenizer) -> (train rows, eval rows, collate, train settings), in place of run.batching
+    # (online RL: the loop hands over prompt examples, not token batches)
+    batching: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -109,6 +133,12 @@ METHODS: dict[str, Method] = {
                   before_fit=_dpo_reference),
     "reward": Method("preference", _reward_objective, _no_generation_records, _save_reward_model,
                      heads=_reward_heads, evaluate_saved=_evaluate_reward_model),
+    "grpo": Method("prompt", _online_rl_objective("grpo"), _no_generation_records, _save_causal_lm,
+                   batching=_prompt_batches),
+    "rloo": Method("prompt", _online_rl_objective("rloo"), _no_generation_records, _save_causal_lm,
+                   batching=_prompt_batches),
+    "ppo": Method("prompt", _online_rl_objective("ppo"), _no_generation_records, _save_causal_lm,
+                  heads=_value_head, batching=_prompt_batches),
 }
 
 

@@ -67,8 +67,8 @@ def load_tokenizer_of(cfg: RunConfig):
     return tokenizer
 
 
-def make_objective(cfg: RunConfig):
-    return method_of(cfg).objective(cfg)
+def make_objective(cfg: RunConfig, tokenizer=None):
+    return method_of(cfg).objective(cfg, tokenizer)
 
 
 def apply_speed_switches(cfg: RunConfig, model) -> None:
@@ -98,6 +98,8 @@ def packing_on(cfg: RunConfig, model) -> bool:
 def batching(cfg: RunConfig, data, tokenizer, packed: bool):
     """(train rows, eval rows, collate, train settings): examples as they are, or packed into rows of the
     micro-batch token budget, one row per micro-batch (the step's tokens unchanged, memory fixed)."""
+    if method_of(cfg).batching is not None:
+        return method_of(cfg).batching(cfg, data, tokenizer)
     pad = tokenizer.pad_token_id
     if not packed:
         return data.train, data.eval, lambda b: collate(b, pad), cfg.train
@@ -193,7 +195,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     if method_of(cfg).before_fit is not None:
         data = method_of(cfg).before_fit(cfg, module, data, tokenizer, device, autocast, resume)
     train_rows, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packed)
-    objective = make_objective(cfg)
+    objective = make_objective(cfg, tokenizer)
     held_out = eval_rows if cfg.eval.loss else None
     if held_out is not None and not resume:  # every run shows whether it got better: held-out loss before
         results["eval_before"] = held_out_metrics(module, objective, held_out, collate_fn,
@@ -288,7 +290,7 @@ def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None =
         if data.eval is None:
             raise ConfigError("the held-out split is empty (every record went to training)", key="data.eval")
         _, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packing_on(cfg, module))
-        out["loss"] = held_out_metrics(module, make_objective(cfg), eval_rows, collate_fn,
+        out["loss"] = held_out_metrics(module, make_objective(cfg, tokenizer), eval_rows, collate_fn,
                                        settings.micro_batch_size, make_autocast(cfg.train.autocast, device),
                                        device)
     if gen := method_of(cfg).generation_records(cfg, data):

@@ -62,7 +62,7 @@ class _Scripted(SFTObjective):
 
 
 def _use(monkeypatch, objective):
-    monkeypatch.setattr(run_mod, "make_objective", lambda cfg: objective)
+    monkeypatch.setattr(run_mod, "make_objective", lambda cfg, tokenizer=None: objective)
     return objective
 
 

@@ -43,7 +43,7 @@ def _final_weights(run, lora):
 def _run_with_interrupt(monkeypatch, cfg, n):
     import tuneforge.run as run_mod
     real = run_mod.make_objective
-    monkeypatch.setattr(run_mod, "make_objective", lambda c: _InterruptAfter(real(c), n))
+    monkeypatch.setattr(run_mod, "make_objective", lambda c, t=None: _InterruptAfter(real(c, t), n))
     res = train(cfg)
     monkeypatch.undo()
     return res

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["clm", "sft", "dpo", "reward"]  # later: contrastive, ppo, grpo, rloo
+Method = Literal["clm", "sft", "dpo", "reward", "grpo", "rloo", "ppo"]  # later: contrastive
 
 
 class Section(BaseModel):
@@ -193,7 +193,34 @@ class RLSection(Section):
     """Optimisation epochs over each batch of rollouts (each mini-batch one optimizer update)."""
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     lam: float = Field(0.95, ge=0.0, le=1.0)
-    clip_range: float = Field(0.2, gt=0)
+    clip_range: float = Field(0.2, gt=0, lt=1.0)
+    """PPO's clip range on the probability ratio: [1 - clip_range, 1 + clip_range_high]."""
+    clip_range_high: float | None = Field(None, gt=0)
+    """The upper clip (DAPO's clip-higher, Yu et al. 2025); None: clip_range (symmetric)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """How token losses add up: grpo = mean over sequences of each one's token mean; dr_grpo = token sum /
+    (sequences x max_new_tokens), Liu et al. 2025; dapo = mean over every token of the update."""
+    scale_rewards: bool = True
+    """grpo: divide each group's centred rewards by its std (false: Dr. GRPO's plain r - mean)."""
+    mini_batches: int = Field(1, gt=0)
+    """Optimizer updates per epoch over one batch of rollouts (train.grad_accum must be a multiple)."""
+    kl_coef: float = Field(0.05, ge=0.0)
+    """ppo: the per-token KL penalty in the reward (the initial value with kl_target)."""
+    kl_target: float | None = Field(None, gt=0)
+    """ppo: adapt kl_coef towards this KL per sequence (Ziegler et al. 2019); None: kl_coef fixed."""
+    kl_horizon: float = Field(10000.0, gt=0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    """ppo: weight of the value loss (the value head shares the policy's body)."""
+    value_clip: float | None = Field(0.2, gt=0)
+    whiten_advantages: bool = True
+    """ppo: advantages to zero mean, unit variance over each batch of rollouts."""
+    kl_budget: float | None = Field(None, gt=0)
+    """Mean KL to the reference per completion (nats) above which the run warns; still above it three
+    batches later, it stops with an error (checkpoints kept)."""
+    samples_every: int = Field(10, ge=0)
+    """Write prompts, completions and rewards to OUTPUT_DIR/samples.jsonl every N steps (0: never)."""
+    rollout_batch_size: int = Field(32, gt=0)
+    """Rows per decoding batch."""
 
     @field_validator("reward_functions", mode="before")
     @classmethod
@@ -257,11 +284,15 @@ METHOD_DEFAULTS = {
     # and reward models overfit within about an epoch (Ouyang et al. 2022 train one); TRL's reward recipe
     # uses the same 1e-5 / 1e-4
     "reward": (1e-5, 1e-4, "pairs"),
+    # online RL: small steps (TRL's GRPO default 1e-6 full); LoRA several times more
+    "grpo": (1e-6, 1e-5, "sequences"),
+    "rloo": (1e-6, 1e-5, "sequences"),
+    "ppo": (1e-6, 1e-5, "sequences"),
 }
 
 
 # The data kind a method reads when data.kind is auto (others detect it record by record).
-DEFAULT_DATA_KIND = {"clm": "text", "dpo": "preference"}
+DEFAULT_DATA_KIND = {"clm": "text", "dpo": "preference", "grpo": "prompt", "rloo": "prompt", "ppo": "prompt"}
 
 
 class RunConfig(Section):
@@ -285,6 +316,13 @@ class RunConfig(Section):
                 raise ValueError(f"{section}.* is set, but the {section} section is read by method "
                                  f"{' or '.join(methods)}, not by method {self.method}: remove it or change the "
                                  "method")
+        if self.method in SECTION_METHODS["rl"]:  # the PPO ratio is exactly 1 before an update only without dropout
+            if "dropout" not in self.lora.model_fields_set:
+                self.lora.dropout = 0.0
+            elif self.lora.dropout:
+                raise ValueError(f"lora.dropout is {self.lora.dropout}, but online RL (method {self.method}) needs "
+                                 "0: the ratio of the policy's log-probs to the ones it sampled with must be 1 "
+                                 "before an update, and dropout noise breaks that")
         if self.train.lr is None:
             full, lora, _ = METHOD_DEFAULTS[self.method]
             self.train.lr = lora if self.lora.enabled else full
