@@ -94,21 +94,28 @@ def test_greedy_generate_equals_transformers_generate(model, prompts, tiny_token
 
 
 def test_stops_at_a_stop_id_including_pad_equal_to_it_and_at_max_new_tokens(model, prompts, tiny_tokenizer):
-    free = sample_completions(model, prompts, 10, [], tiny_tokenizer.pad_token_id, do_sample=False)
+    """Sampled rows (varied, unlike this random model's greedy ones) with the same seed: a run with stop ids
+    draws the same tokens as one without, up to each row's stop."""
+    def run(stop_ids, pad_id):
+        calls = []
+        hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+        out = sample_completions(model, prompts, 10, stop_ids, pad_id, temperature=2.0, generator=make_generator(0))
+        hook.remove()
+        return out, len(calls)
+
+    free, _ = run([], tiny_tokenizer.pad_token_id)
     assert all(len(t) == 10 for t in free.tokens) and not any(free.stopped)  # the max_new_tokens cut
-    stop = free.tokens[0][3]  # a token row 0 produces at step 4: make it the stop id, and the pad id (SmolLM2)
-    calls = []
-    hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
-    out = sample_completions(model, prompts, 10, [stop], stop, do_sample=False)
-    hook.remove()
-    for row, tokens, stopped in zip(free.tokens, out.tokens, out.stopped):
-        if stop in row:
-            cut = row.index(stop) + 1
-            assert tokens == row[:cut] and stopped  # the stop token kept, nothing after it
-        else:
-            assert tokens == row and not stopped
-    assert len(calls) == max(map(len, out.tokens))  # one prompt pass + a step per later token: early exit
-    assert max(map(len, out.tokens)) < 10
+    stop = free.tokens[0][3]  # in row 0 at step 4; the stop id is the pad id too (SmolLM2's case)
+    assert any(stop not in row for row in free.tokens)
+    one_stop, _ = run([stop], stop)
+    every_row_stops, calls = run(sorted({row[2] for row in free.tokens}), stop)
+    for out, stops in ((one_stop, [stop]), (every_row_stops, [row[2] for row in free.tokens])):
+        for row, tokens, stopped in zip(free.tokens, out.tokens, out.stopped):
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+            assert tokens == row[:cut] and stopped == (cut is not None)  # stop token kept, nothing after it
+    assert one_stop.tokens[0] == free.tokens[0][:4] and len(one_stop.tokens[1]) == 10
+    assert max(map(len, every_row_stops.tokens)) <= 3 and all(every_row_stops.stopped)
+    assert calls == max(map(len, every_row_stops.tokens))  # the prompt pass, then one step per later token: early exit
 
 
 def test_same_seed_same_samples_and_a_saved_generator_state_continues_identically(model, prompts,

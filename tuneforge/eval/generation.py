@@ -163,8 +163,7 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 token = logits.argmax(-1)
-            steps_live.append(~done)
-            token = token.masked_fill(done, pad_id)  # rows already stopped only carry padding along
+            steps_live.append(~done)  # a row that stopped goes on decoding in the batch; its tokens are cut
             steps_tok.append(token)
             steps_logp.append(logp_all.gather(1, token[:, None]).squeeze(1))
             done = done | torch.isin(token, stops)
