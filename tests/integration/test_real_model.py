@@ -33,3 +33,28 @@ def test_demo_recipe_runs_a_few_steps_on_smollm2(tmp_path):
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     # a skipped (non-finite) step logs None: every step must have a real, finite loss
     assert len(losses) == 3 and all(isinstance(x, float) and math.isfinite(x) for x in losses), losses
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "tuneforge_varlen"])
+def test_generate_on_smollm2_equals_transformers_greedy_generate(attention):
+    """generate() runs on tuneforge's own decoding core (eval/generation.py): on the real model its greedy replies
+    to a left-padded batch equal transformers' generate token for token, with the attention training uses too."""
+    import torch
+
+    from tuneforge.eval.generation import encode_prompts, generate, left_pad, stop_token_ids
+    from tuneforge.models.attention import register
+    from tuneforge.models.load import load_causal_lm
+
+    model, tok = load_causal_lm("smollm2")
+    model.set_attn_implementation(register() if attention == "tuneforge_varlen" else attention)
+    convs = [[{"role": "user", "content": q}] for q in
+             ("What is the capital of France?", "Write a haiku about the sea.", "2 + 2 =",
+              "Name three colours, then explain in one sentence why the sky looks blue during the day.")]
+    stops, pad = stop_token_ids(tok), tok.pad_token_id
+    ids, mask = left_pad(encode_prompts(tok, convs), pad)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                             eos_token_id=stops, pad_token_id=pad)
+    expected = [tok.decode(row, skip_special_tokens=True).strip() for row in ref[:, ids.shape[1]:]]
+    assert generate(model, tok, convs, max_new_tokens=24, batch_size=4) == expected
+    assert len(set(expected)) == 4 and all(expected)

@@ -34,17 +34,20 @@ def test_scores():
     assert score("SHIPPING", "BILLING") == {"exact": 0.0, "lenient": 0.0}
 
 
-class PromptRecorder(torch.nn.Module):
-    """Stands in for a model: records the prompt ids generate() feeds it (padding removed), generates nothing."""
+class PromptRecorder:
+    """Records the prompt ids generate() feeds the model (padding removed): a hook on the tiny model's decoder
+    reads the first forward of each batch, the one that fills the cache with the prompts."""
 
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
+    def __init__(self, model_dir):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir)
         self.prompts: list[list[int]] = []
+        self.model.get_decoder().register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        self.prompts += [row[keep.bool()].tolist() for row, keep in zip(input_ids, attention_mask)]
-        return input_ids
+    def _record(self, _module, _args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if kwargs["cache"].get_seq_length() == 0:  # the prompt pass, not a decoding step
+            mask = torch.ones_like(ids) if mask is None else mask
+            self.prompts += [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
 
 
 CONVERSATIONS = {
@@ -59,13 +62,14 @@ CONVERSATIONS = {
 
 @pytest.mark.parametrize("system_prompt", [None, "Be brief."])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_generation_prompt_is_the_prompt_training_supervises_after(tiny_tokenizer, name, system_prompt):
+def test_generation_prompt_is_the_prompt_training_supervises_after(tiny_tokenizer, tiny_model_dir, name,
+                                                                   system_prompt):
     """Training and inference must agree: the ids generate() feeds the model for a conversation's last reply are
     exactly the ids before that reply in the training example, with the same system-prompt handling."""
     record = ChatRecord(CONVERSATIONS[name])
     ex = tokenize_chat(tiny_tokenizer, record, mask="last", system_prompt=system_prompt)
-    recorder = PromptRecorder()
-    generate(recorder, tiny_tokenizer, [prompt_messages(record)], max_new_tokens=1, system_prompt=system_prompt)
+    recorder = PromptRecorder(tiny_model_dir)
+    generate(recorder.model, tiny_tokenizer, [prompt_messages(record)], max_new_tokens=1, system_prompt=system_prompt)
     assert recorder.prompts == [ex.input_ids[:ex.loss_mask.index(1)]]
     prompt = tiny_tokenizer.decode(recorder.prompts[0])
     has_own = record.messages[0].role == "system"
@@ -74,8 +78,8 @@ def test_generation_prompt_is_the_prompt_training_supervises_after(tiny_tokenize
     assert ("tiny helpful assistant" in prompt) == (system_prompt is None and not has_own)  # the template's default
 
 
-def test_generation_without_a_chat_template_says_what_to_set(tiny_tokenizer):
+def test_generation_without_a_chat_template_says_what_to_set(tiny_tokenizer, tiny_model_dir):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
     with pytest.raises(AuditError, match="data.chat_template"):
-        generate(PromptRecorder(), tok, [[{"role": "user", "content": "Hi"}]])
+        generate(PromptRecorder(tiny_model_dir).model, tok, [[{"role": "user", "content": "Hi"}]])

@@ -1,11 +1,21 @@
 """Generation that renders prompts exactly as training did: same chat template, same system-prompt
-handling, left padding for batches, stop at the end-of-turn token, greedy by default, KV cache on."""
+handling, left padding for batches, stop at the end-of-turn token, greedy by default, KV cache on.
+
+One decoding core, `sample_completions`, serves inference (`generate`: eval, chat, rank) and RL rollouts
+(rl/rollout.py), so what the policy is evaluated on and what it is trained on are sampled the same way."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from tuneforge.data.chat import generation_prompt, with_system_prompt
+from tuneforge.errors import TuneforgeError
+from tuneforge.models.heads import as_train_module, train_module, unwrap
+from tuneforge.objectives.logprobs import head_logits
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -29,27 +39,143 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], system_prompt: st
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16,
              system_prompt: str | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0) -> list[str]:
-    """Continue each conversation with one assistant turn; returns the decoded replies (special tokens cut)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    """Continue each conversation with one assistant turn; returns the decoded replies (special tokens cut).
+    Sampling (do_sample) draws from torch's global generator, so `torch.manual_seed` before a call fixes it."""
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
         rows = encode_prompts(tokenizer, conversations[start:start + batch_size], system_prompt)
-        longest = max(map(len, rows))
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for r, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-            ids[r, longest - len(row):] = torch.tensor(row)
-            mask[r, longest - len(row):] = 1
-        kwargs = dict(do_sample=do_sample, temperature=temperature, top_p=top_p) if do_sample else \
-            dict(do_sample=False)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad_id, use_cache=True, **kwargs)
-        for row in out[:, longest:]:
-            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    if was_training:
-        model.train()
+        out = sample_completions(model, rows, max_new_tokens, stops, pad_id, temperature=temperature, top_p=top_p,
+                                 do_sample=do_sample)
+        replies += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tokens]
     return replies
+
+
+@dataclass
+class Completions:
+    """What `sample_completions` returns, one entry per prompt row."""
+
+    tokens: list[list[int]]
+    """Completion ids: the stop token included when one was hit, nothing after it."""
+    logps: list[torch.Tensor]
+    """(n_i,) float32 log-prob of each sampled token under the distribution it was drawn from (see there)."""
+    stopped: list[bool]
+    """True where the row ended at a stop id, False where max_new_tokens cut it."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(map(len, self.tokens))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, every prompt ending at the last column where generation starts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TuneforgeError("generation needs at least one prompt token in every row (an empty prompt was given)")
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for r, row in enumerate(prompts):
+        ids[r, longest - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[r, longest - len(row):] = 1
+    return ids, mask
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration", sec. 3.1): per row (B, V), the
+    smallest set of most probable tokens whose mass reaches top_p, as a boolean (B, V) mask. A token is kept when
+    the mass of the tokens strictly more probable than it (in sorted order) is still below top_p, so the most
+    probable token is always kept."""
+    if top_p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Every submodule in eval mode (no dropout while sampling), each one's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _parts(model):
+    """The decoder body and the bias-free output head weight (TrainModule, DDP, PEFT or plain HF model)."""
+    tm = train_module(as_train_module(model))
+    head = tm.output_head
+    if getattr(head, "bias", None) is not None:
+        raise TuneforgeError("generation assumes a bias-free output head (every supported causal LM has one)")
+    return tm.body(), head.weight
+
+
+@torch.no_grad()
+def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+                       temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
+                       generator: torch.Generator | None = None) -> Completions:
+    """The one token-level generation core (eval, chat, rank and RL rollouts all run on it).
+
+    Prompts are left-padded into one batch; the model's own forward fills a transformers DynamicCache with the
+    prompt, then decodes one token per step on top of it. Only the last position's hidden state reaches the
+    output head each step (a (B, V) tensor, never logits for the whole prompt). A row stops at any of
+    `stop_ids` (kept as its last token) or after `max_new_tokens`; the loop exits once every row stopped.
+
+    Sampling (do_sample and temperature > 0) draws from softmax(logits / temperature) restricted to the top-p
+    nucleus, with `generator` (its state is what a checkpoint saves; None: torch's global generator). Greedy
+    otherwise (argmax of the logits). The log-prob returned for each token is the one under the
+    temperature-scaled FULL softmax (temperature 1 when greedy), not under the renormalised nucleus: the same
+    quantity training recomputes from hidden / temperature (objectives/functional.py `token_logps`), so the
+    rollout's numbers and training's are the same numbers from two paths. The temperature is applied to the
+    hidden state before the projection, as there. Runs in eval mode (no dropout); modes are restored after.
+    """
+    from transformers import DynamicCache
+
+    body, weight = _parts(model)
+    device = weight.device
+    sampling = do_sample and temperature > 0
+    scale = temperature if sampling else 1.0
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # left padding: each prompt's first real token is position 0
+    if bool(mask.all()):
+        mask = None  # no padding: causal attention needs no mask (as transformers' generate does)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    rows = ids.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps_tok, steps_logp, steps_live = [], [], []
+    cache = DynamicCache(config=unwrap(model).config)
+    with eval_mode(model):
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                      use_cache=True).last_hidden_state[:, -1]  # (B, H)
+        position = positions[:, -1]
+        for step in range(max_new_tokens):
+            logits = head_logits(hidden / scale if scale != 1.0 else hidden, weight)  # (B, V) float32
+            logp_all = torch.log_softmax(logits, dim=-1)
+            if sampling:
+                probs = logp_all.exp()
+                probs = probs.masked_fill_(~nucleus_mask(probs, top_p), 0.0)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            steps_live.append(~done)  # a row that stopped goes on decoding in the batch; its tokens are cut
+            steps_tok.append(token)
+            steps_logp.append(logp_all.gather(1, token[:, None]).squeeze(1))
+            done = done | torch.isin(token, stops)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            position = position + 1
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
+                          use_cache=True).last_hidden_state[:, -1]
+    tokens, logps, live = (torch.stack(x, 1).cpu() for x in (steps_tok, steps_logp, steps_live))  # (B, L)
+    lengths = live.sum(1).tolist()
+    return Completions(tokens=[tokens[r, :n].tolist() for r, n in enumerate(lengths)],
+                       logps=[logps[r, :n].clone() for r, n in enumerate(lengths)],
+                       stopped=done.cpu().tolist())

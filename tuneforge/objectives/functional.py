@@ -48,22 +48,37 @@ def masked_next_token_loss(module, batch: dict, chunk_size: int = 1024) -> tuple
     return forward(module, batch, head_fn), int(targets.numel())
 
 
+def token_logps(module, batch: dict, chunk_size: int = 1024,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every supervised next token (N,), in row-major order of the batch, and the sequence each one
+    belongs to (N,), for a batch with `sequence_ids` (collate_sequences, collate_packed_sequences).
+
+    `temperature` divides the hidden states before the chunked projection (logits / T without a logits
+    tensor): RL rollouts sample from softmax(logits / T), and the PPO/GRPO ratio must use the same
+    distribution. Differentiable when the module trains; only supervised positions reach the output head."""
+    from tuneforge.objectives.logprobs import token_logprobs
+    select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
+    segments = batch["sequence_ids"][:, 1:][select]  # (N,): the sequence each predicted token belongs to
+
+    def head_fn(hidden, tm):
+        picked = hidden[:, :-1][select]  # (N, H)
+        if temperature != 1.0:
+            picked = picked / temperature
+        return token_logprobs(picked, tm.output_head.weight, targets, chunk_size)[0]
+
+    return forward(module, batch, head_fn), segments
+
+
 def sequence_logps(module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each sequence's supervised tokens (S,) and how many there are (S,), for a batch of
     multi-sequence examples (`sequence_ids`: each token's sequence, -1 on padding). Differentiable when the
-    module trains; only supervised positions reach the output head, through the chunked path."""
-    from tuneforge.objectives.logprobs import sequence_logprobs, token_logprobs
-    select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
-    segments = batch["sequence_ids"][:, 1:][select]  # (N,): the sequence each predicted token belongs to
+    module trains; the per-token log-probs come from `token_logps`."""
+    from tuneforge.objectives.logprobs import sequence_logprobs
+    logps, segments = token_logps(module, batch, chunk_size)
     n_seq = int(batch["sequence_role"].numel())
-
-    def head_fn(hidden, tm):
-        logps, _ = token_logprobs(hidden[:, :-1][select], tm.output_head.weight, targets, chunk_size)
-        return sequence_logprobs(logps, segments, n_seq)
-
     counts = torch.zeros(n_seq, dtype=torch.float32, device=segments.device).index_add_(
         0, segments, torch.ones_like(segments, dtype=torch.float32))
-    return forward(module, batch, head_fn), counts
+    return sequence_logprobs(logps, segments, n_seq), counts
 
 
 def pair_index(batch: dict, roles: tuple[str, ...] = ("chosen", "rejected")) -> tuple[torch.Tensor, ...]:

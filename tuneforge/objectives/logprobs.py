@@ -25,7 +25,9 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits of the positions in h (n, H) for a bias-free head weight (V, H): the one projection every path
+    uses (loss, log-probs, generation), so their numbers agree."""
     # Matmul in the compute dtype (bf16 under autocast), softmax statistics in float32 for stability.
     return (h @ weight.to(h.dtype).T).float()  # (n, V)
 
@@ -45,7 +47,7 @@ class _FusedNLLSum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for sl in _chunks(hidden.shape[0], chunk_size):
             h, y = hidden[sl], targets[sl]
-            logp = torch.log_softmax(_logits(h, weight), dim=-1)  # (n, V); the logits die here
+            logp = torch.log_softmax(head_logits(h, weight), dim=-1)  # (n, V); the logits die here
             total -= logp.gather(1, y[:, None]).sum()
             g = logp.exp_()  # d NLL / d logits = softmax - onehot, in the same memory
             del logp  # peak stays at about two chunks of (n, V) float32
@@ -79,7 +81,7 @@ def fused_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 def _nll_no_grad(hidden, weight, targets, chunk_size) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for sl in _chunks(hidden.shape[0], chunk_size):
-        logits = _logits(hidden[sl], weight)
+        logits = head_logits(hidden[sl], weight)
         total += (torch.logsumexp(logits, -1) - logits.gather(1, targets[sl][:, None]).squeeze(1)).sum()
     return total
 
@@ -91,7 +93,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for sl in _chunks(n, chunk_size):
-            logp_all = torch.log_softmax(_logits(hidden[sl], weight), dim=-1)  # (n, V)
+            logp_all = torch.log_softmax(head_logits(hidden[sl], weight), dim=-1)  # (n, V)
             logps[sl] = logp_all.gather(1, targets[sl][:, None]).squeeze(1)
             entropy[sl] = -(logp_all.exp() * logp_all).sum(-1)
         ctx.save_for_backward(hidden, weight, targets)
@@ -117,7 +119,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for sl in _chunks(hidden.shape[0], ctx.chunk_size):
             h, y, g_out = hidden[sl], targets[sl], grad_logps[sl].float()
             # recomputed (logits were never stored), as exp(log_softmax) like autograd through log_softmax
-            p = torch.log_softmax(_logits(h, weight), dim=-1).exp_()
+            p = torch.log_softmax(head_logits(h, weight), dim=-1).exp_()
             g = -p * g_out[:, None]  # d logp_y / d logits = onehot - softmax
             g[torch.arange(g.shape[0], device=g.device), y] += g_out
             if grad_h is not None:
