@@ -54,6 +54,16 @@ def write_preference_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
+def write_prompt_data(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """Prompts with a checkable reference answer (online RL)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"Add {a} and {b}.", "reference": str(a + b)}) + "\n")
+    return path
+
+
 def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.0, **train_kw):
     train_section = {"output_dir": str(out), "max_steps": 8, "micro_batch_size": 4, "lr": 3e-3,
                      "progress": False, "tensorboard": False, "warmup_ratio": 0.0,
@@ -76,6 +86,7 @@ def write_config_yaml(cfg, path: Path) -> Path:
 # Each data builder's small test data set: a method registered in tuneforge.methods inherits every invariant
 # test (tests/invariants/) by naming a builder here. A new builder without an entry fails those tests loudly.
 DATA_WRITERS = {
+    "prompt": lambda folder: write_prompt_data(folder / "prompts.jsonl"),
     "chat": lambda folder: write_chat_data(folder / "chat.jsonl"),
     "text_blocks": lambda folder: write_text_data(folder / "docs"),
     "preference": lambda folder: write_preference_data(folder / "prefs.jsonl"),
@@ -85,6 +96,14 @@ DATA_WRITERS = {
 # Settings a method needs in the invariant tests, which drive its objective directly: DPO's reference there is
 # the base with the adapter disabled (full fine-tuning's precomputed reference is a run's: tests/objectives).
 METHOD_SETUP = {"dpo": {"lora": True}}
+
+
+def token_batch_methods() -> list[str]:
+    """Methods whose batches come from the data as it is (every method but online RL, whose objective samples
+    its own training batches from the policy): the loss-level invariants (gradient accumulation, packing, 2 ranks,
+    resume) drive these directly. Online RL's own versions are in tests/integration/test_online_rl.py."""
+    from tuneforge.methods import METHODS
+    return sorted(m for m, entry in METHODS.items() if entry.batching is None)
 
 
 def load_for_method(method: str, model_dir):

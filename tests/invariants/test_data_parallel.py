@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import method_config, read_metrics, write_config_yaml
-from tuneforge.methods import METHODS
+from helpers.runs import token_batch_methods
 
 
 def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def _train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", token_batch_methods())
 def test_two_ranks_train_what_one_rank_trains(method, tiny_model_dir, tmp_path):
     runs = {}
     for ranks, accum in ((1, 4), (2, 2)):  # the same global batch: 2 examples x 4 micro-batches

@@ -9,12 +9,12 @@ import torch
 from helpers.runs import load_for_method, method_config, method_module, update_sums
 from tuneforge.data.collate import collate
 from tuneforge.run import prepare
-from tuneforge.methods import METHODS
+from helpers.runs import token_batch_methods
 from tuneforge.models.load import load_causal_lm
 from tuneforge.run import make_objective
 from tuneforge.train.loop import fit
 
-METHOD_NAMES = sorted(METHODS)
+METHOD_NAMES = token_batch_methods()
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

@@ -14,7 +14,7 @@ from helpers.runs import (
 from tuneforge.data.collate import collate
 from tuneforge.run import make_objective, prepare
 from tuneforge.data.packing import PackedExamples, collate_packed, pack_bins
-from tuneforge.methods import METHODS
+from helpers.runs import token_batch_methods
 from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives.functional import hidden_states
 from tuneforge.objectives.sft import SFTObjective
@@ -33,7 +33,7 @@ def _loss_and_grads(model, batches, objective=None):
     return torch.tensor(loss_sum / count), count, {n: g / count for n, g in grads.items()}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", token_batch_methods())
 def test_packed_equals_unpacked(method, tiny_model_dir, tmp_path):
     cfg = method_config(method, tiny_model_dir, tmp_path, tmp_path / "run")
     model, tok = load_for_method(method, tiny_model_dir)

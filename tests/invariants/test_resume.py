@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import METHOD_SETUP, make_config, method_config, write_instruction_data
-from tuneforge.methods import METHODS
+from helpers.runs import token_batch_methods
 from tuneforge.run import train
 from tuneforge.train.checkpoint import list_checkpoints
 
@@ -50,7 +50,7 @@ def _run_with_interrupt(monkeypatch, cfg, n):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", token_batch_methods())
 def test_resume_is_bit_identical(method, lora, tiny_model_dir, tmp_path, monkeypatch):
     if not lora and METHOD_SETUP.get(method, {}).get("lora"):
         pytest.skip(f"{method}: full fine-tuning's resume is tested with its precomputed reference "

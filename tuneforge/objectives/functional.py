@@ -48,25 +48,33 @@ def masked_next_token_loss(module, batch: dict, chunk_size: int = 1024) -> tuple
     return forward(module, batch, head_fn), int(targets.numel())
 
 
-def token_logps(module, batch: dict, chunk_size: int = 1024,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(module, batch: dict, chunk_size: int = 1024, temperature: float = 1.0,
+                value_head: str | None = None) -> tuple[torch.Tensor, ...]:
     """Log-prob of every supervised next token (N,), in row-major order of the batch, and the sequence each one
     belongs to (N,), for a batch with `sequence_ids` (collate_sequences, collate_packed_sequences).
 
     `temperature` divides the hidden states before the chunked projection (logits / T without a logits
     tensor): RL rollouts sample from softmax(logits / T), and the PPO/GRPO ratio must use the same
-    distribution. Differentiable when the module trains; only supervised positions reach the output head."""
+    distribution. Differentiable when the module trains; only supervised positions reach the output head.
+
+    With `value_head` (the name of an extra head, PPO's critic) also the value of each of those positions (N,),
+    float32, read from the same hidden states in the same forward: (logps, values, segments)."""
     from tuneforge.objectives.logprobs import token_logprobs
     select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
     segments = batch["sequence_ids"][:, 1:][select]  # (N,): the sequence each predicted token belongs to
 
     def head_fn(hidden, tm):
         picked = hidden[:, :-1][select]  # (N, H)
-        if temperature != 1.0:
-            picked = picked / temperature
-        return token_logprobs(picked, tm.output_head.weight, targets, chunk_size)[0]
+        scaled = picked / temperature if temperature != 1.0 else picked
+        logps = token_logprobs(scaled, tm.output_head.weight, targets, chunk_size)[0]
+        if value_head is None:
+            return logps
+        with torch.autocast(device_type=picked.device.type, enabled=False):
+            values = tm.heads[value_head](picked.float()).squeeze(-1)
+        return logps, values
 
-    return forward(module, batch, head_fn), segments
+    out = forward(module, batch, head_fn)
+    return (*out, segments) if value_head is not None else (out, segments)
 
 
 def sequence_logps(module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,7 +152,7 @@ class OnlineRL(Objective):
         with autocast():
             if self.algorithm == "ppo":
                 out["old_logps"], out["old_values"], segments = token_logps(
-                    tm, batch, temperature=self.r.temperature, value_head=tm.heads[VALUE_HEAD])
+                    tm, batch, temperature=self.r.temperature, value_head=VALUE_HEAD)
             else:
                 out["old_logps"], segments = token_logps(tm, batch, temperature=self.r.temperature)
             if self.needs_reference:
@@ -285,10 +285,9 @@ class OnlineRL(Objective):
 
     def loss(self, module, batch: dict) -> LossOutput:
         r, n_seq = self.r, batch["num_sequences"]
-        tm = train_module(module)
         if self.algorithm == "ppo":
             logps, values, segments = token_logps(module, batch, temperature=r.temperature,
-                                                  value_head=tm.heads[VALUE_HEAD])
+                                                  value_head=VALUE_HEAD)
         else:
             logps, segments = token_logps(module, batch, temperature=r.temperature)
         beta = r.beta if self.algorithm == "grpo" else 0.0  # rloo and ppo put the KL in the reward

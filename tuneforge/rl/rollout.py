@@ -75,7 +75,7 @@ class Rollouts:
 
 def rollout(module, prompts: list[Example], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
             num_generations: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-            generator: torch.Generator | None = None, batch_size: int = 16) -> Rollouts:
+            generator: torch.Generator | None = None, batch_size: int = 16, greedy: bool = False) -> Rollouts:
     """Sample `num_generations` completions for each prompt example (data/builders.py PromptBuilder: one
     "prompt" sequence), `batch_size` rows per decoding batch, the copies of a prompt side by side.
 
@@ -96,7 +96,7 @@ def rollout(module, prompts: list[Example], *, max_new_tokens: int, stop_ids: li
     start = time.perf_counter()
     for at in range(0, len(prompt_ids), batch_size):
         out = sample_completions(module, prompt_ids[at:at + batch_size], max_new_tokens, stop_ids, pad_id,
-                                 temperature=temperature, top_p=top_p, do_sample=True, generator=generator)
+                                 temperature=temperature, top_p=top_p, do_sample=not greedy, generator=generator)
         completions += out.tokens
         logps += out.logps
         stopped += out.stopped
