@@ -15,12 +15,17 @@ Sides
 - trl-nockpt (opt-in): the same with gradient_checkpointing=False.
 - tf: tuneforge through `tuneforge.run.train` with a RunConfig (method dpo or reward, data.packing false,
   float32, no activation checkpointing: tuneforge's default).
+- tf-pack (opt-in): the same with data.packing true: rows of data.max_length tokens, each pair's prompt once
+  (tuneforge_varlen attention, the default for SmolLM2), the step's pairs set by the token budget.
 
-Numbers (as bench/run.py): real tok/s = attention-mask ones of the timed steps / their wall time (both
-sides' sequences are the same tokens except TRL's DPO, whose answers also hold the newline after
-<|im_end|>: the same tokens, one more of them supervised; see bench/pref_check.py); peak RSS = VmHWM at the
-last step's end (model load, tokenisation, training). ratio = tf / trl. The first `--warmup` steps are not
-timed. The defaults are a few steps on a few hundred tokens: the numbers are indicative only.
+Numbers (as bench/run.py): real tok/s = tokens computed in the timed steps / their wall time (attention-mask
+ones padded; a packed row's tokens, a shared prompt once: so tf-pack computes fewer tokens per pair, and its
+token rate alone would hide the saving); pairs/s = pairs trained in the timed steps / their wall time, the rate
+to compare across layouts (tok/pair shows the layout's cost). Both sides' sequences are the same tokens except
+TRL's DPO, whose answers also hold the newline after <|im_end|>: the same tokens, one more of them supervised;
+see bench/pref_check.py. Peak RSS = VmHWM at the last step's end (model load, tokenisation, training).
+ratio = tf / trl of pairs/s. The first `--warmup` steps are not timed. The defaults are a few steps on a few
+hundred tokens: the numbers are indicative only.
 """
 
 from __future__ import annotations
@@ -51,14 +56,15 @@ def child_tuneforge(spec: dict) -> dict:
     work = Path(spec["workdir"])
     cfg = RunConfig.model_validate({
         "method": spec["method"], "model": {"name": MODEL},
-        "data": {"train": spec["data"], "max_length": 512, "packing": False, "cache_dir": str(work / "tokcache")},
+        "data": {"train": spec["data"], "max_length": 512, "packing": spec["side"] == "tf-pack",
+                 "cache_dir": str(work / "tokcache")},
         "lora": {"enabled": True, **LORA},
         "train": {"output_dir": str(work / "run"), "micro_batch_size": BATCH, "grad_accum": 1, "epochs": 1,
                   "autocast": "none", "tensorboard": False, "progress": False, "log_every": 1000000, "seed": 0},
         "eval": {"loss": False, "generate": False, "before": False},
     })
     clock, info = StepClock(), {"gradient_checkpointing": False}
-    timed_train(tr, cfg, clock, info, supervised_counts=False)
+    timed_train(tr, cfg, clock, info, count="pairs")  # a preference objective counts pairs
     return summarise(clock, spec["warmup"], info)
 
 
@@ -114,12 +120,12 @@ def child_trl(spec: dict) -> dict:
     trainer = _trl_trainer(spec, tok, model, rows)
     clock = StepClock()
     info = {"trl_version": trl.__version__, "gradient_checkpointing": trainer.args.gradient_checkpointing}
-    batches: list[int] = []
+    batches: list[tuple[int, int]] = []
     inner = trainer.data_collator
 
     def counting(examples):
         out = inner(examples)
-        batches.append(int(out["attention_mask"].sum()))
+        batches.append((int(out["attention_mask"].sum()), len(examples)))  # (real tokens, pairs)
         return out
 
     trainer.data_collator = counting
@@ -128,7 +134,8 @@ def child_trl(spec: dict) -> dict:
     out = trainer.train()
     info["final_loss"] = out.training_loss
     steps = len(clock.starts)
-    clock.real = batches[:steps]
+    clock.real = [tokens for tokens, _ in batches[:steps]]
+    clock.pairs = [pairs for _, pairs in batches[:steps]]
     clock.supervised = [0] * steps
     return summarise(clock, spec["warmup"], info)
 
@@ -170,17 +177,19 @@ def main() -> int:
             print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)
     print(f"\n# preference methods, tuneforge vs TRL: LoRA, float32, batch {BATCH} pairs, {args.steps} timed steps "
           f"after {args.warmup} warmup (a short run: indicative)\n")
-    print("| method | side | grad ckpt | real tok/s | step s | peak RSS MiB | final loss | tok/s ratio | RSS ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | side | grad ckpt | pairs/s | real tok/s | tok/pair | step s | peak RSS MiB | final loss | "
+          "pairs/s ratio | RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | {r['side']} | error: {r['error'][:200]} |||||||")
+            print(f"| {r['method']} | {r['side']} | error: {r['error'][:200]} |||||||||")
             continue
         base = next((b for b in rows if b["method"] == r["method"] and b["side"] == "trl" and "error" not in b), None)
-        ratio = f"{r['real_tok_s'] / base['real_tok_s']:.2f}" if base else "-"
+        ratio = f"{r['pairs_s'] / base['pairs_s']:.2f}" if base else "-"
         rss = f"{r['train_peak_kb'] / base['train_peak_kb']:.2f}" if base else "-"
-        print(f"| {r['method']} | {r['side']} | {r['gradient_checkpointing']} | {r['real_tok_s']:.0f} | "
-              f"{r['step_seconds']:.2f} | {r['train_peak_kb'] / 1024:.0f} | {r['final_loss']:.4f} | {ratio} | {rss} |")
+        print(f"| {r['method']} | {r['side']} | {r['gradient_checkpointing']} | {r['pairs_s']:.2f} | "
+              f"{r['real_tok_s']:.0f} | {r['tokens_per_pair']:.1f} | {r['step_seconds']:.2f} | "
+              f"{r['train_peak_kb'] / 1024:.0f} | {r['final_loss']:.4f} | {ratio} | {rss} |")
     return 0
 
 

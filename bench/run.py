@@ -121,13 +121,15 @@ def flop_counts(model) -> dict:
 
 
 class StepClock:
-    """Start time of every optimizer step, and the end of the last one."""
+    """Start time of every optimizer step, and the end of the last one; per step its real tokens, supervised
+    tokens and (preference runs) pairs."""
 
     def __init__(self):
         self.starts: list[float] = []
         self.end: float | None = None
         self.real: list[int] = []
         self.supervised: list[int] = []
+        self.pairs: list[int] = []
 
 
 def summarise(clock: StepClock, warmup: int, extra: dict) -> dict:
@@ -137,7 +139,11 @@ def summarise(clock: StepClock, warmup: int, extra: dict) -> dict:
     seconds = clock.end - clock.starts[warmup]
     real = sum(clock.real[warmup:steps])
     sup = sum(clock.supervised[warmup:steps])
-    return {"steps": steps, "timed_steps": steps - warmup, "warmup_steps": warmup, "seconds": seconds,
+    # pairs per second next to tokens per second: a run computing a pair's prompt once has fewer real tokens
+    # per pair, so its token rate alone would hide (or, counted whole, double count) the saving
+    pairs = {"pairs": sum(clock.pairs[warmup:steps]), "pairs_s": sum(clock.pairs[warmup:steps]) / seconds,
+             "tokens_per_pair": real / max(1, sum(clock.pairs[warmup:steps]))} if clock.pairs else {}
+    return {**pairs, "steps": steps, "timed_steps": steps - warmup, "warmup_steps": warmup, "seconds": seconds,
             "real_tokens": real, "supervised_tokens": sup, "real_tok_s": real / seconds,
             "step_seconds": seconds / (steps - warmup),
             "all_real_tokens": sum(clock.real), "all_supervised_tokens": sum(clock.supervised), **extra}
@@ -187,9 +193,11 @@ def child_tuneforge(spec: dict) -> dict:
     return summarise(clock, spec["warmup"], {**info, "mask": MASK_TF})
 
 
-def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, supervised_counts: bool = True) -> None:
+def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, count: str = "supervised") -> None:
     """`tuneforge.run.train(cfg)` (tr: the tuneforge.run module) with `fit` timed step by step into `clock`
-    and peak memory read into `info`; stops once fit returns (evaluation and the final save are skipped)."""
+    and peak memory read into `info`; stops once fit returns (evaluation and the final save are skipped).
+    `count`: the clock list that gets each step's loss count (the objective's unit: "supervised" tokens for
+    SFT, "pairs" for preference methods)."""
 
     class Done(Exception):
         pass
@@ -215,7 +223,9 @@ def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, supervised
         result = real_fit(model, TimedObjective(objective), *args, **kwargs)
         clock.end = time.perf_counter()
         clock.real += [int(row["tokens"]) for row in result.history]
-        clock.supervised += [int(row["count"]) if supervised_counts else 0 for row in result.history]
+        getattr(clock, count).extend(int(row["count"]) for row in result.history)
+        if count != "supervised":
+            clock.supervised += [0] * len(result.history)
         info["train_peak_kb"] = _status_kb("VmHWM")
         info["final_loss"] = result.train_loss
         info["gpu_peak_gb"] = _gpu_peak()

@@ -21,6 +21,7 @@ from tuneforge.data.packing import PackedExamples, collate_packed, example_lengt
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fsutil import atomic_write_text
 from tuneforge.methods import method_of
+from tuneforge.models.attention import is_varlen
 from tuneforge.models.heads import TrainModule, unwrap
 from tuneforge.train import distributed as dist
 from tuneforge.train.loop import evaluate as held_out_metrics
@@ -92,12 +93,19 @@ def packing_on(cfg: RunConfig, model) -> bool:
     """data.packing, with auto resolved: on where the attention isolates packed examples by itself."""
     if cfg.data.packing != "auto":
         return bool(cfg.data.packing)
-    return getattr(unwrap(model).config, "_attn_implementation", None) == "tuneforge_varlen"
+    return is_varlen(unwrap(model))
 
 
-def batching(cfg: RunConfig, data, tokenizer, packed: bool):
+def prompt_shared(model, packed: bool) -> bool:
+    """Whether packed rows hold a preference pair's prompt once: only under tuneforge_varlen attention, the one
+    that lets the rejected answer see the prompt (data/packing.py); any other keeps whole sequences."""
+    return packed and is_varlen(unwrap(model))
+
+
+def batching(cfg: RunConfig, data, tokenizer, packed: bool, share_prompt: bool = False):
     """(train rows, eval rows, collate, train settings): examples as they are, or packed into rows of the
-    micro-batch token budget, one row per micro-batch (the step's tokens unchanged, memory fixed)."""
+    micro-batch token budget, one row per micro-batch (the step's tokens unchanged, memory fixed), a pair's
+    prompt once under `share_prompt` (`prompt_shared`): the budget counts what the collator lays out."""
     if method_of(cfg).batching is not None:
         return method_of(cfg).batching(cfg, data, tokenizer)
     pad = tokenizer.pad_token_id
@@ -105,14 +113,15 @@ def batching(cfg: RunConfig, data, tokenizer, packed: bool):
         return data.train, data.eval, lambda b: collate(b, pad), cfg.train
     t, d = cfg.train, cfg.data
     # a row must fit the longest example (a preference example holds two sequences of up to max_length)
-    longest = max(example_lengths(data.train), default=d.max_length)
+    longest = max(example_lengths(data.train, share_prompt), default=d.max_length)
     budget = max(t.micro_batch_tokens or d.max_length, d.max_length, longest)
     rows_per_step = max(1, math.ceil(t.micro_batch_size * t.grad_accum * d.max_length / budget))
     settings = t.model_copy(update={"micro_batch_size": 1, "grad_accum": rows_per_step})
-    pack = lambda ex: PackedExamples(ex, budget) if ex is not None else None  # noqa: E731
+    pack = lambda ex: PackedExamples(ex, budget, share_prompt) if ex is not None else None  # noqa: E731
     # compiled models get one row width for every batch: a new shape would mean a new compile
     width = budget if t.compile else None
-    return pack(data.train), pack(data.eval), lambda rows: collate_packed(rows, pad, width), settings
+    collate_fn = lambda rows: collate_packed(rows, pad, width, share_prompt)  # noqa: E731
+    return pack(data.train), pack(data.eval), collate_fn, settings
 
 
 def _task_eval(cfg, model, tokenizer, records, label: str):
@@ -194,7 +203,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     autocast = make_autocast(cfg.train.autocast, device)
     if method_of(cfg).before_fit is not None:
         data = method_of(cfg).before_fit(cfg, module, data, tokenizer, device, autocast, resume)
-    train_rows, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packed)
+    train_rows, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packed,
+                                                           prompt_shared(module, packed))
     objective = make_objective(cfg, tokenizer)
     held_out = eval_rows if cfg.eval.loss else None
     if held_out is not None and not resume:  # every run shows whether it got better: held-out loss before
@@ -289,7 +299,8 @@ def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None =
     if cfg.eval.loss:
         if data.eval is None:
             raise ConfigError("the held-out split is empty (every record went to training)", key="data.eval")
-        _, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packing_on(cfg, module))
+        packed = packing_on(cfg, module)
+        _, eval_rows, collate_fn, settings = batching(cfg, data, tokenizer, packed, prompt_shared(module, packed))
         out["loss"] = held_out_metrics(module, make_objective(cfg, tokenizer), eval_rows, collate_fn,
                                        settings.micro_batch_size, make_autocast(cfg.train.autocast, device),
                                        device)

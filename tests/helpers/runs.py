@@ -106,12 +106,15 @@ def token_batch_methods() -> list[str]:
     return sorted(m for m, entry in METHODS.items() if entry.batching is None)
 
 
-def load_for_method(method: str, model_dir):
-    """The tiny model and tokenizer as a run of `method` trains them (with its LoRA adapter if it needs one)."""
+def load_for_method(method: str, model_dir, attn_implementation: str | None = None):
+    """The tiny model and tokenizer as a run of `method` trains them: tuneforge_varlen attention (run.py's
+    default for a Llama; `attn_implementation` to choose another), its LoRA adapter if it needs one."""
     import torch
 
+    from tuneforge.models.attention import register
     from tuneforge.models.load import load_causal_lm
     model, tok = load_causal_lm(str(model_dir))
+    model.set_attn_implementation(attn_implementation or register())
     if METHOD_SETUP.get(method, {}).get("lora"):
         from tuneforge.adapters.lora import apply_lora
         torch.manual_seed(0)

@@ -12,9 +12,10 @@ from helpers.runs import (
     write_instruction_data,
 )
 from tuneforge.data.collate import collate
-from tuneforge.run import make_objective, prepare
+from tuneforge.run import make_objective, prepare, prompt_shared
 from tuneforge.data.packing import PackedExamples, collate_packed, pack_bins
 from helpers.runs import token_batch_methods
+from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives.functional import hidden_states
 from tuneforge.objectives.sft import SFTObjective
@@ -39,11 +40,14 @@ def test_packed_equals_unpacked(method, tiny_model_dir, tmp_path):
     model, tok = load_for_method(method, tiny_model_dir)
     examples = prepare(cfg, tok).train[:12]
     model, objective = method_module(cfg, model), make_objective(cfg)  # the method's own loss and heads
+    share = prompt_shared(model, True)  # as a run packs: a preference pair's prompt once (varlen attention)
     # several examples share a row (a preference example holds two sequences: room for two such)
-    packed = PackedExamples(examples, capacity=max(160, 2 * max(len(e) for e in examples)))
+    packed = PackedExamples(examples, max(160, 2 * max(len(e) for e in examples)), share)
     rows = [packed[i] for i in range(len(packed))]
     assert len(packed) < len(examples)
-    loss_p, count_p, grads_p = _loss_and_grads(model, [collate_packed(rows, tok.pad_token_id)], objective)
+    batch = collate_packed(rows, tok.pad_token_id, share_prompt=share)
+    assert share and ("predictor_index" in batch) == (METHODS[method].builder == "preference")
+    loss_p, count_p, grads_p = _loss_and_grads(model, [batch], objective)
     singles = [collate([examples[i]], tok.pad_token_id) for i in range(len(examples))]
     loss_u, count_u, grads_u = _loss_and_grads(model, singles, objective)
     assert count_p == count_u

@@ -11,6 +11,7 @@ from tuneforge.data.chat import TokenizedExample
 from tuneforge.data.collate import collate
 from tuneforge.data.example import Example
 from tuneforge.data.packing import collate_packed
+from tuneforge.models.attention import register
 from tuneforge.models.heads import TrainModule
 from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives.reward import RewardObjective, bradley_terry_loss
@@ -45,30 +46,44 @@ class _RecordingHead(torch.nn.Module):
 
 def _examples(eot):
     # every answer ends with the end-of-turn id, which is also the pad id (SmolLM2): a reader that looks for
-    # the last non-pad token, or the first pad token, lands on the wrong position
-    return [Example([_seq([5, 6, 7, eot]), _seq([5, 6, eot, 9, 10, eot])], [0, 1], ("chosen", "rejected")),
-            Example([_seq([5, eot]), _seq([5, 8, 8, eot])], [0, 1], ("chosen", "rejected"))]
+    # the last non-pad token, or the first pad token, lands on the wrong position. Each pair shares its first
+    # token (the "prompt", unsupervised).
+    return [Example([_seq([5, 6, 7, eot]), _seq([5, 6, eot, 9, 10, eot])], [0, 1], ("chosen", "rejected"),
+                    shared_prefix=1),
+            Example([_seq([5, eot]), _seq([5, 8, 8, eot])], [0, 1], ("chosen", "rejected"), shared_prefix=1)]
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_reward_is_read_at_the_last_real_token_by_position(packed, tiny_model_dir):
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_reward_is_read_at_the_last_real_token_by_position(layout, tiny_model_dir):
+    """"shared": packed with each pair's prompt once (tuneforge_varlen): the rejected answer's last token sits
+    after the chosen answer without the prompt again, and its reward is still the one of prompt + rejected."""
     model, tok = load_causal_lm(str(tiny_model_dir))
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.pad_token_id == eot
     examples = _examples(eot)
-    batch = collate_packed([examples], eot) if packed else collate(examples, eot)
+    packed = layout != "padded"
+    if layout == "shared":
+        model.set_attn_implementation(register())
+    batch = (collate_packed([examples], eot, share_prompt=layout == "shared") if packed
+             else collate(examples, eot))
     module = TrainModule(model, {"reward": torch.nn.Linear(32, 1, bias=False)})
     with torch.no_grad():
         module.heads["reward"].weight.normal_()
         hidden = module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        padded = collate(examples, eot)
+        hidden_u = module(padded["input_ids"], padded["attention_mask"])
     flat = hidden.reshape(-1, hidden.shape[-1])
     want = module.heads["reward"](flat[batch["last_index"]]).squeeze(-1).detach()
+    unpacked = module.heads["reward"](hidden_u.reshape(-1, hidden.shape[-1])[padded["last_index"]]).squeeze(-1)
+    torch.testing.assert_close(want, unpacked, rtol=1e-5, atol=1e-6)  # every layout reads the same rewards
     # the positions themselves, from the sequence lengths alone
     ids = batch["input_ids"].reshape(-1)
-    lengths = [len(s.input_ids) for e in examples for s in e.sequences]
+    lengths = [len(s.input_ids) - (e.shared_prefix if layout == "shared" and k else 0)
+               for e in examples for k, s in enumerate(e.sequences)]
+    assert layout != "shared" or lengths == [4, 5, 2, 3]
     assert [int(ids[i]) for i in batch["last_index"]] == [eot] * 4
     T = batch["input_ids"].shape[1]
-    if packed:  # one row, the sequences end to end
+    if packed:  # one row, the sequences end to end (the rejected ones without their prompt when shared)
         assert batch["last_index"].tolist() == [sum(lengths[:k + 1]) - 1 for k in range(4)]
     else:
         assert batch["last_index"].tolist() == [r * T + n - 1 for r, n in enumerate(lengths)]

@@ -90,6 +90,9 @@ def test_preference_truncation_cuts_the_prompt_from_the_left_or_drops(tok):
     (cut,), stats = build(PreferenceBuilder, tok, [rec], max_length=limit, truncation="left")
     assert stats.truncated_left == 1 and max(len(s) for s in cut.sequences) == limit
     assert unsupervised_prefix(cut["chosen"]) == unsupervised_prefix(cut["rejected"])
+    # the shared prompt packing may hold once: what is left of it after the cut
+    assert full.shared_prefix == len(unsupervised_prefix(full["chosen"])) > 10
+    assert cut.shared_prefix == len(unsupervised_prefix(cut["chosen"])) == full.shared_prefix - 10
     assert supervised(tok, cut["chosen"]) == "Short.<|im_end|>"
     assert supervised(tok, cut["rejected"]) == "A somewhat longer answer.<|im_end|>"
     assert all(s.loss_mask[p] for s in cut.sequences for p in s.eot_positions)

@@ -274,3 +274,23 @@ def test_pair_batches_carry_no_margin(tmp_path, tiny_model_dir, tiny_tokenizer):
     path = jsonl(tmp_path, [{"anchor": f"q {i}", "positive": f"a {i}"} for i in range(3)], "pairs.jsonl")
     data = prepare_data(make_config(tiny_model_dir, path, tmp_path / "run"), tiny_tokenizer, "pair")
     assert "margin" not in collate([data.train[i] for i in range(len(data.train))], tiny_tokenizer.pad_token_id)
+
+
+def test_shared_prefix_through_the_cache_and_packed_lengths(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Each pair's prompt length is kept in the token cache (prefix.bin), and the packed length with the prompt
+    once (p + c + r) is read for all examples from arrays, as packing budgets need it."""
+    rows = [{"prompt": "word " * (i + 1), "chosen": "Yes." * (i % 3 + 1), "rejected": "No."} for i in range(6)]
+    cfg = make_config(tiny_model_dir, jsonl(tmp_path, rows), tmp_path / "run")
+    cfg.data.eval_fraction = 0.0
+    data = prepare_data(cfg, tiny_tokenizer, "preference")
+    examples = [data.train[i] for i in range(len(data.train))]
+    prefixes = [ex.shared_prefix for ex in examples]
+    assert prefixes == [ex["chosen"].loss_mask.index(1) for ex in examples]
+    assert prefixes == [ex["rejected"].loss_mask.index(1) for ex in examples] and len(set(prefixes)) == 6
+    assert all(ex["chosen"].input_ids[:p] == ex["rejected"].input_ids[:p] for ex, p in zip(examples, prefixes))
+    shared = data.train.lengths(share_prompt=True)
+    assert shared == [ex.packed_length(True) for ex in examples] == [len(ex) - p for ex, p in zip(examples, prefixes)]
+    assert data.train.lengths() == [len(ex) for ex in examples]
+    packed = PackedExamples(data.train, max(shared), share_prompt=True)  # the budget counts what is laid out
+    batch = collate_packed([packed[i] for i in range(len(packed))], tiny_tokenizer.pad_token_id, share_prompt=True)
+    assert int(batch["num_real"]) == sum(shared) and batch["input_ids"].shape[1] <= max(shared)

@@ -4,7 +4,7 @@ padded and cached (generation) paths equal transformers' SDPA."""
 import pytest
 import torch
 
-from tuneforge.models.attention import NAME, register, segment_bounds, supports_varlen
+from tuneforge.models.attention import NAME, attention_spans, register, segment_bounds, supports_varlen
 
 
 def test_segment_bounds():
@@ -186,3 +186,75 @@ def test_declared_torch_floor_has_sdpa_enable_gqa():
     torch_req = next(r for r in deps if r.name == "torch")
     floors = [Version(s.version) for s in torch_req.specifier if s.operator in (">=", "==", "~=")]
     assert floors and max(floors) >= Version("2.5"), f"{pyproject}: torch requirement '{torch_req}' admits < 2.5"
+
+
+def test_attention_spans_mark_continuations():
+    # [prompt 0..2 + chosen 3..4][rejected 3..5][ordinary 0..1][pad 0..1]; a row whose first span starts at 5
+    pos = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 0, 1], [5, 6, 0, 1, 2, 3, 4, 2, 3, 0, 1, 2]])
+    assert attention_spans(pos) == [[(0, 5, 0, 0), (5, 8, 0, 3), (8, 10, 8, 0), (10, 12, 10, 0)],
+                                    [(0, 2, 0, 0), (2, 7, 2, 0), (7, 9, 2, 2), (9, 12, 9, 0)]]
+    with pytest.raises(ValueError, match="restart at 4"):  # longer than the span starting at 0 before it
+        attention_spans(torch.tensor([[0, 1, 2, 4, 5]]))
+    with pytest.raises(ValueError, match="restart at 2"):  # no span starting at 0 before it
+        attention_spans(torch.tensor([[5, 6, 2, 3]]))
+
+
+def _shared_row_layout():
+    """Two rows of packed preference pairs with the prompt once, plus an ordinary example and padding: the
+    position ids, and for each token where it sits in a sequence run alone ((sequence id, column))."""
+    # (prompt, chosen, rejected) lengths per pair; "ordinary" examples (0, n, 0) are one plain sequence
+    rows = [[(5, 4, 3), (0, 6, 0), (4, 2, 5)], [(3, 3, 4), (6, 1, 2)]]
+    width = max(sum(p + c + r for p, c, r in row) for row in rows) + 2
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    alone = []  # every sequence as run alone, as the (row, column) of each of its tokens in the packed rows
+    for b, row in enumerate(rows):
+        at = 0
+        for p, c, r in row:
+            pos[b, at:at + p + c] = torch.arange(p + c)
+            alone.append([(b, at + j) for j in range(p + c)])
+            if r:
+                pos[b, at + p + c:at + p + c + r] = torch.arange(p, p + r)
+                alone.append([(b, at + j) for j in range(p)] + [(b, at + p + c + j) for j in range(r)])
+            at += p + c + r
+        pos[b, at:] = torch.arange(width - at)
+        alone.append([(b, at + j) for j in range(width - at)])
+    return pos, alone
+
+
+def test_continuation_equals_prompt_and_answer_run_alone(model, monkeypatch):
+    """A rejected answer packed after its prompt + chosen answer (positions restarting at len(prompt)) gets the
+    logits and gradients of prompt + rejected run as its own sequence; GQA (4 query heads, 2 key/value heads),
+    several pairs and an ordinary example per row. Gradients reach the shared prompt from both answers: the
+    sum of the two unpacked copies' gradients."""
+    import tuneforge.models.attention as att
+    assert model.config.num_attention_heads != model.config.num_key_value_heads  # GQA
+    calls = []
+    real_sdpa = att.F.scaled_dot_product_attention
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("attn_mask") is not None) or real_sdpa(*a, **k))
+    torch.manual_seed(6)
+    pos, alone = _shared_row_layout()
+    ids = torch.randint(3, 100, pos.shape)
+    model.set_attn_implementation(register())
+    packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    # only the 4 continuations (per layer) get a mask; every other span stays one is_causal call
+    assert sum(calls) == 4 * model.config.num_hidden_layers and not all(calls)
+    weights = torch.randn_like(packed)
+    model.zero_grad()
+    (packed * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    seen = torch.zeros(pos.shape, dtype=torch.bool)
+    total = 0.0
+    for cols in alone:
+        rows_, where = [b for b, _ in cols], [j for _, j in cols]
+        out = model(input_ids=ids[rows_, where][None], use_cache=False).logits[0]  # positions 0.. by default
+        new = ~seen[rows_, where]  # a shared prompt's logits count once (from its prompt + chosen run)
+        torch.testing.assert_close(packed[rows_, where][new], out[new].detach(), rtol=1e-5, atol=1e-5)
+        total = total + (out[new] * weights[rows_, where][new]).sum()
+        seen[rows_, where] = True
+    assert bool(seen.all())
+    total.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5)

@@ -175,8 +175,9 @@ class PreferenceBuilder(Builder):
                 self.stats.dropped_too_long += 1
                 return
             seqs = [_cut_left(s, cut) for s in seqs]
+            shared -= cut
         kept = None if rec.margin is None else {"margin": rec.margin}  # the collators' batch["margin"]
-        self._keep(Example(seqs, [0, 1], self.role_names, kept, rec.source))
+        self._keep(Example(seqs, [0, 1], self.role_names, kept, rec.source, shared_prefix=shared))
 
     def _answer(self, rec, turns: list[dict], field: str) -> TokenizedExample:
         conversation = ChatRecord([Message(m["role"], m["content"]) for m in turns]

@@ -14,6 +14,8 @@ of several named sequences (preference, pair, prompt) add:
 
   examples.bin (int64, examples + 1)     where each example's sequences start in offsets.bin
   roles.bin (uint8, sequences)           each sequence's role id (names in meta.json, in the builder's order)
+  prefix.bin (int32, examples)           each example's shared prefix (Example.shared_prefix: a preference
+                                         pair's prompt), so packing budgets come from arrays, not a Python loop
   texts.bin, text_offsets.bin (int64)    one JSON object per example (a reference answer, the pair texts), read
                                          one example at a time, so text never has to fit in memory
 """
@@ -30,10 +32,11 @@ import numpy as np
 from tuneforge.data.chat import TokenizedExample
 from tuneforge.data.example import Example
 
-# 4: preference examples keep their margin (from fields the readers used to ignore, so an older entry of the
+# 5: multi-sequence examples keep their shared prefix (prefix.bin; an older entry has none, and packing with the
+# prompt shared would count its pairs whole); 4: preference examples keep their margin (from fields the readers used to ignore, so an older entry of the
 # same files would serve batches without it); 3: multi-sequence examples, flat end-of-turn files; 2: leading
 # assistant turn unsupervised
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -80,7 +83,7 @@ class CacheWriter:
         self.folder.mkdir(parents=True)
         names = ["ids", "mask", "offsets", "eots", "eot_offsets"]
         if example_type == "example":
-            names += ["examples", "roles", "texts", "text_offsets"]
+            names += ["examples", "roles", "prefix", "texts", "text_offsets"]
         self._files = {n: open(self.folder / f"{n}.bin", "wb") for n in names}
         self._tokens = self._eot_count = self._sequences = self._text_bytes = 0
         self.examples = 0
@@ -100,6 +103,7 @@ class CacheWriter:
                 self._add_sequence(seq)
             self._files["roles"].write(np.asarray(ex.roles, dtype=np.uint8).tobytes())
             self._files["examples"].write(_int64(self._sequences))
+            self._files["prefix"].write(np.int32(ex.shared_prefix).tobytes())
             if ex.texts:
                 blob = json.dumps(ex.texts, ensure_ascii=False).encode()
                 self._files["texts"].write(blob)
@@ -151,6 +155,7 @@ class CachedExamples(Sequence):
         self._eots, self._eot_offsets = _map(f / "eots.bin", np.int32), _map(f / "eot_offsets.bin", np.int64)
         if self.example_type == "example":
             self._examples, self._roles = _map(f / "examples.bin", np.int64), _map(f / "roles.bin", np.uint8)
+            self._prefix = _map(f / "prefix.bin", np.int32)
             self._texts, self._text_offsets = _map(f / "texts.bin", np.uint8), _map(f / "text_offsets.bin", np.int64)
         else:  # sequence i is example i
             self._examples = None
@@ -172,10 +177,16 @@ class CachedExamples(Sequence):
         first, end = self._sequence_range(i)
         return int(self._offsets[end] - self._offsets[first])
 
-    def lengths(self) -> list[int]:
-        """Every example's `length`, from the offsets at once (packing and length grouping read them all)."""
-        bounds = self._offsets if self._examples is None else self._offsets[np.asarray(self._examples)]
-        return np.diff(np.asarray(bounds)).tolist()
+    def lengths(self, share_prompt: bool = False) -> list[int]:
+        """Every example's `length`, from the offsets at once (packing and length grouping read them all); with
+        `share_prompt`, its `Example.packed_length` (the shared prefix counted once), from prefix.bin."""
+        if self._examples is None:
+            return np.diff(np.asarray(self._offsets)).tolist()
+        examples = np.asarray(self._examples)
+        total = np.diff(np.asarray(self._offsets)[examples])
+        if share_prompt:
+            total = total - np.asarray(self._prefix, dtype=np.int64) * (np.diff(examples) - 1)
+        return total.tolist()
 
     def num_sequences(self, i: int) -> int:
         first, end = self._sequence_range(i)
@@ -204,7 +215,7 @@ class CachedExamples(Sequence):
             return self._sequence(i)
         first, end = self._sequence_range(i)
         return Example([self._sequence(s) for s in range(first, end)], self._roles[first:end].tolist(),
-                       self.role_names, self.texts(i))
+                       self.role_names, self.texts(i), shared_prefix=int(self._prefix[i]))
 
 
 def entry_complete(entry: Path) -> bool:

@@ -24,10 +24,17 @@ class Example:
     texts: dict | None = None
     """Text kept for later (a prompt's reference answer, the pair texts for false-negative masking)."""
     source: Source | None = None
+    shared_prefix: int = 0
+    """Leading tokens that every sequence starts with, unsupervised in all (a preference pair's prompt): a packed
+    row under tuneforge_varlen attention holds them once (data/packing.py)."""
 
     def __len__(self) -> int:
-        """Total tokens over all sequences: what a packed row must hold for this example."""
+        """Total tokens over all sequences: what a packed row must hold for this example unshared."""
         return sum(len(s.input_ids) for s in self.sequences)
+
+    def packed_length(self, share_prompt: bool) -> int:
+        """Tokens this example takes in a packed row: all of them, or with the shared prefix counted once."""
+        return len(self) - (self.shared_prefix * (len(self.sequences) - 1) if share_prompt else 0)
 
     def role(self, k: int) -> str:
         return self.role_names[self.roles[k]]

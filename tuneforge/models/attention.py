@@ -11,6 +11,13 @@ from 2.2 s to 1.3 s, the whole step from 11.7 s to 10.9 s.
 Right-padded training batches need no mask either: under causal attention a real token only attends to
 earlier, real tokens, so they run as one `is_causal` call (pad positions compute values nobody reads).
 
+A span whose first position k is not 0 is a CONTINUATION (a preference pair packed with its prompt once,
+data/packing.py: [prompt][chosen][rejected], the rejected answer's positions restarting at p = len(prompt)): its
+queries attend to the first k tokens of the nearest earlier span of the row that starts at position 0 (the
+prompt + chosen span) and causally to themselves, so every answer sees exactly what it sees unpacked, with the
+same RoPE positions. Only these spans get an explicit (small) boolean mask; ordinary spans keep `is_causal`.
+The first span of a row is always ordinary, whatever its first position.
+
 Registered with transformers' attention and mask interfaces as "tuneforge_varlen". Whenever a padding
 mask is still needed (left-padded generation), or the forward runs on top of a cache (decoding, or several new
 tokens after a cached prompt: the causal diagonal is then offset), the mask function builds SDPA's own mask and
@@ -29,33 +36,78 @@ _registered = False
 _spans_cache: tuple | None = None
 
 
+def _span_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: where a new span begins (the row's first column, or a position that is not previous + 1)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the [start, end) spans of consecutive positions (a new span wherever the next position is not
     previous + 1). A row without restarts is one span."""
-    rows = position_ids.shape[0]
-    length = position_ids.shape[1]
-    if length == 0:
-        return [[] for _ in range(rows)]
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    rows, length = position_ids.shape
+    starts = _span_starts(position_ids) if length else None
     out = []
     for r in range(rows):
-        s = torch.nonzero(starts[r]).flatten().tolist()
+        s = torch.nonzero(starts[r]).flatten().tolist() if length else []
         out.append(list(zip(s, s[1:] + [length])))
     return out
 
 
-def _spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
-    """segment_bounds for the attention's batch, computed once per forward pass, not once per layer."""
+def attention_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """Per row, (start, end, context_start, context_length) of every span of `segment_bounds`. An ordinary span
+    has context_length 0. A continuation (a span after the row's first whose first position k is not 0) also
+    attends to row[context_start:context_start + k]: the first k tokens of the nearest earlier span that starts
+    at position 0 (a shared prompt). A continuation without such a span is an error, never guessed."""
+    rows, length = position_ids.shape
+    if length == 0:
+        return [[] for _ in range(rows)]
+    starts = _span_starts(position_ids)
+    out = []
+    for r in range(rows):
+        cols = torch.nonzero(starts[r]).flatten().tolist()
+        firsts = position_ids[r][starts[r]].tolist()
+        row, origin = [], None  # origin: (start, end) of the row's latest span starting at position 0
+        for i, (a, b, k) in enumerate(zip(cols, cols[1:] + [length], firsts)):
+            if i == 0 or k == 0:
+                row.append((a, b, a, 0))
+                origin = (a, b) if k == 0 else None
+            elif origin is not None and k <= origin[1] - origin[0]:
+                row.append((a, b, origin[0], k))
+            else:
+                raise ValueError(f"position ids of row {r} restart at {k} (column {a}), but no earlier span of the "
+                                 f"row starts at 0 with at least {k} tokens: a continuation needs its prompt")
+        out.append(row)
+    return out
+
+
+def _spans(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int, int, int]]]:
+    """attention_spans for the attention's batch, computed once per forward pass, not once per layer."""
     global _spans_cache
     c = _spans_cache
     if c is not None and c[0] is position_ids and c[1] == position_ids._version and c[2] == rows:
         return c[3]
-    spans = segment_bounds(position_ids)
+    spans = attention_spans(position_ids)
     if len(spans) != rows:  # (1, T) positions shared by every row
-        spans = spans * rows if len(spans) == 1 else segment_bounds(position_ids.expand(rows, -1))
+        spans = spans * rows if len(spans) == 1 else attention_spans(position_ids.expand(rows, -1))
     _spans_cache = (position_ids, position_ids._version, rows, spans)
     return spans
+
+
+def _span_attention(query, key, value, span: tuple[int, int, int, int], dropout: float, scaling, gqa: bool):
+    """One span of one row (tensors (1, H, T, D)): causal on itself; a continuation also sees its context in
+    full, through a (n, context + n) boolean mask whose causal part is aligned to the lower right."""
+    a, b, c, n_ctx = span
+    if not n_ctx:
+        return F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+                                              scale=scaling, is_causal=True, enable_gqa=gqa)
+    keys = torch.cat([key[:, :, c:c + n_ctx], key[:, :, a:b]], dim=2)
+    values = torch.cat([value[:, :, c:c + n_ctx], value[:, :, a:b]], dim=2)
+    n = b - a
+    mask = torch.ones(n, n_ctx + n, dtype=torch.bool, device=query.device).tril(n_ctx)  # key j <= query i + ctx
+    return F.scaled_dot_product_attention(query[:, :, a:b], keys, values, attn_mask=mask, dropout_p=dropout,
+                                          scale=scaling, enable_gqa=gqa)
 
 
 @torch.compiler.disable  # example boundaries change every batch: traced, they would recompile every step
@@ -72,17 +124,15 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    spans = [[(0, q_len)]] * query.shape[0] if position_ids is None else _spans(position_ids, query.shape[0])
+    spans = [[(0, q_len, 0, 0)]] * query.shape[0] if position_ids is None else _spans(position_ids, query.shape[0])
     if all(len(s) == 1 for s in spans):  # no packing: one causal call for the whole batch
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
                                              enable_gqa=gqa)
     else:
         rows = []
         for r, row_spans in enumerate(spans):
-            parts = [F.scaled_dot_product_attention(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b],
-                                                    value[r:r + 1, :, a:b], dropout_p=dropout, scale=scaling,
-                                                    is_causal=True, enable_gqa=gqa)
-                     for a, b in row_spans]
+            q, k, v = query[r:r + 1], key[r:r + 1], value[r:r + 1]
+            parts = [_span_attention(q, k, v, span, dropout, scaling, gqa) for span in row_spans]
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
         out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
@@ -126,6 +176,12 @@ def supports_varlen(config) -> bool:
     if getattr(config, "use_sliding_window", False):
         return False
     return not any(t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
+
+
+def is_varlen(model) -> bool:
+    """Whether the transformers `model` runs "tuneforge_varlen" (the only attention that knows continuations:
+    transformers' own mask derivation would isolate a continuation from its prompt, silently)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
 
 
 def register() -> str:

@@ -112,9 +112,9 @@ class WithReference:
     def length(self, i: int) -> int:
         return self.examples.length(i)
 
-    def lengths(self) -> list[int]:
+    def lengths(self, share_prompt: bool = False) -> list[int]:
         from tuneforge.data.packing import example_lengths
-        return example_lengths(self.examples)
+        return example_lengths(self.examples, share_prompt)
 
     def __getitem__(self, i):
         if isinstance(i, slice):

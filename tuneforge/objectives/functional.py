@@ -10,18 +10,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneforge.models.heads import as_train_module, unwrap  # noqa: F401  (unwrap: used by run.py, tests)
+from tuneforge.models.heads import as_train_module, unwrap  # (unwrap: also used by run.py, tests)
 from tuneforge.objectives.logprobs import fused_nll_sum
 
 
-def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor):
-    """Boolean (B, T-1) selector of positions whose NEXT token is supervised, and those targets (N,)."""
-    select = loss_mask[:, 1:].bool()  # (B, T-1)
-    return select, input_ids[:, 1:][select]
+def supervised_positions(batch: dict):
+    """How a batch's N supervised tokens are read: (at, predictors). `at(x)` takes a per-token (B, T) tensor to
+    (N,) at those tokens; `predictors(hidden)` takes hidden states (B, T, H) to the (N, H) states predicting
+    them: the previous column (one boolean selection), or, where a packed row shares a preference pair's prompt,
+    `predictor_index` (data/packing.py: the rejected answer's first token is predicted from the prompt's end)."""
+    if "predictor_index" in batch:
+        flat, index = batch["loss_mask"].flatten().bool(), batch["predictor_index"]
+        return (lambda x: x.flatten()[flat]), (lambda hidden: hidden.reshape(-1, hidden.shape[-1])[index])
+    select = batch["loss_mask"][:, 1:].bool()  # (B, T-1)
+    return (lambda x: x[:, 1:][select]), (lambda hidden: hidden[:, :-1][select])
 
 
 def forward(module, batch: dict, head_fn):
-    """One forward of the (possibly data-parallel) TrainModule with `head_fn(hidden, train_module)`."""
+    """One forward of the (possibly data-parallel) TrainModule with `head_fn(hidden, train_module)`.
+
+    A batch whose rows share a prompt (`predictor_index`) is only right under tuneforge_varlen attention: any
+    other would isolate each continuation from its prompt without a word, so it is refused."""
+    if "predictor_index" in batch:
+        from tuneforge.models.attention import NAME, is_varlen
+        if not is_varlen(unwrap(module)):
+            from tuneforge.errors import TuneforgeError
+            raise TuneforgeError(f"this packed batch shares each pair's prompt between its answers, which only "
+                                 f"{NAME} attention computes right; the model runs "
+                                 f"{getattr(unwrap(module).config, '_attn_implementation', None)!r}: collate "
+                                 f"with share_prompt=False (run.py batching decides it from the attention)")
     return as_train_module(module)(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                    head_fn=head_fn)
 
@@ -36,10 +53,11 @@ def masked_next_token_loss(module, batch: dict, chunk_size: int = 1024) -> tuple
 
     Only supervised positions reach the output head, through the chunked fused path (logprobs.py).
     """
-    select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
+    at, predictors = supervised_positions(batch)
+    targets = at(batch["input_ids"])  # (N,)
 
     def head_fn(hidden, tm):
-        picked = hidden[:, :-1][select]  # (N, H)
+        picked = predictors(hidden)  # (N, H)
         head = tm.output_head
         if getattr(head, "bias", None) is not None:  # rare; the fused path assumes a bias-free projection
             return F.cross_entropy(head(picked).float(), targets, reduction="sum")
@@ -60,11 +78,12 @@ def token_logps(module, batch: dict, chunk_size: int = 1024, temperature: float 
     With `value_head` (the name of an extra head, PPO's critic) also the value of each of those positions (N,),
     float32, read from the same hidden states in the same forward: (logps, values, segments)."""
     from tuneforge.objectives.logprobs import token_logprobs
-    select, targets = next_token_targets(batch["input_ids"], batch["loss_mask"])
-    segments = batch["sequence_ids"][:, 1:][select]  # (N,): the sequence each predicted token belongs to
+    at, predictors = supervised_positions(batch)
+    targets = at(batch["input_ids"])  # (N,)
+    segments = at(batch["sequence_ids"])  # (N,): the sequence each predicted token belongs to
 
     def head_fn(hidden, tm):
-        picked = hidden[:, :-1][select]  # (N, H)
+        picked = predictors(hidden)  # (N, H)
         scaled = picked / temperature if temperature != 1.0 else picked
         logps = token_logprobs(scaled, tm.output_head.weight, targets, chunk_size)[0]
         if value_head is None:
