@@ -276,7 +276,7 @@ def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None =
                           "data.train); tuneforge eval does not score training data as if it were held out",
                           key="data.eval")
     method = method_of(cfg)
-    if method.heads is not None or model_dir is not None:
+    if method.evaluate_saved is not None or model_dir is not None:
         if method.evaluate_saved is None:
             raise ConfigError(f"--model is for methods whose result is a model of its own (reward); for method "
                               f"{cfg.method} set model.name (and --adapter for a LoRA run)", key="method")

@@ -118,6 +118,14 @@ class OnlineRL(Objective):
                                  "(lora.enabled: true), or a frozen copy under full fine-tuning")
         return _AdapterOff(tm)
 
+    def _is_reference(self, tm) -> bool:
+        """Whether the policy still is the reference: before training starts under full fine-tuning (the frozen
+        copy is taken then), or a LoRA adapter whose B matrices are all zero (PEFT's initialisation)."""
+        if self.full_reference:
+            return self._reference is None
+        lora_b = [p for n, p in tm.named_parameters() if "lora_B" in n]
+        return bool(lora_b) and all(not bool(p.detach().any()) for p in lora_b)
+
     def _sample(self, tm, prompts: list, generator, greedy: bool = False):
         from tuneforge.rl.rollout import rollout
         return rollout(tm, prompts, max_new_tokens=self.r.max_new_tokens, stop_ids=self.stop_ids,
@@ -324,13 +332,18 @@ class OnlineRL(Objective):
             out[f"reward/{name}"] = [float(values.sum()), float(values.numel())]
         out["completion_length"] = [float(rollouts.num_tokens), float(len(rollouts))]
         key = tuple(tuple(ex.sequences[0].input_ids) for ex in prompts)
+        untrained = self._is_reference(tm)
+        if untrained:  # the policy is still the reference: its answers are the reference's, its KL zero
+            self._reference_answers = (key, out["reward"][0], out["reward"][1])
         if self._reference_answers is None or self._reference_answers[0] != key:
             with self._reference_context(tm) as ref:
                 ref_roll = self._sample(ref, prompts, None, greedy=True)
             ref_scored, _, _ = self._score(ref_roll)
             self._reference_answers = (key, float(ref_scored.total.sum()), float(len(ref_roll)))
         out["reward_reference"] = list(self._reference_answers[1:])
-        if self.needs_reference or self._reference is None:
+        if untrained:
+            out["kl"] = [0.0, float(len(rollouts))]
+        else:
             batch = self._collate(rollouts.examples(), device)
             with autocast():
                 logps, segments = token_logps(tm, batch, temperature=self.r.temperature)
