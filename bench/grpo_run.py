@@ -92,7 +92,7 @@ def number_match_trl(prompts, completions, completion_ids=None, reference=None, 
     from tuneforge.rl.rewards import number_match
 
     def text(x):
-        return str(x)
+        return x[-1]["content"] if isinstance(x, list) else x
     return number_match([text(p) for p in prompts], [text(c) for c in completions], list(reference))
 
 
