@@ -130,6 +130,7 @@ class StepClock:
         self.real: list[int] = []
         self.supervised: list[int] = []
         self.pairs: list[int] = []
+        self.prepared: list[float] = []  # tuneforge: when each step's `prepare` returned (online RL: rollouts done)
 
 
 def summarise(clock: StepClock, warmup: int, extra: dict) -> dict:
@@ -193,11 +194,14 @@ def child_tuneforge(spec: dict) -> dict:
     return summarise(clock, spec["warmup"], {**info, "mask": MASK_TF})
 
 
-def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, count: str = "supervised") -> None:
+def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, count: str = "supervised",
+                history: list | None = None, watch=None) -> None:
     """`tuneforge.run.train(cfg)` (tr: the tuneforge.run module) with `fit` timed step by step into `clock`
     and peak memory read into `info`; stops once fit returns (evaluation and the final save are skipped).
     `count`: the clock list that gets each step's loss count (the objective's unit: "supervised" tokens for
-    SFT, "pairs" for preference methods)."""
+    SFT, "pairs" for preference methods). `history`, if given, receives fit's rows (one per optimizer update,
+    with the objective's metrics: online RL's reward, gen_seconds, ...); `watch(micro_batches)` is called at
+    the start of every step with the loader's micro-batches (to record which examples a step trained on)."""
 
     class Done(Exception):
         pass
@@ -211,7 +215,11 @@ def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, count: str
 
         def prepare(self, module, batches):  # once per step, before its forward/backward passes
             clock.starts.append(time.perf_counter())
-            return self.inner.prepare(module, batches)
+            if watch is not None:
+                watch(batches)
+            updates = self.inner.prepare(module, batches)
+            clock.prepared.append(time.perf_counter())
+            return updates
 
     real_fit = tr.fit
 
@@ -228,6 +236,8 @@ def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, count: str
             clock.supervised += [0] * len(result.history)
         info["train_peak_kb"] = _status_kb("VmHWM")
         info["final_loss"] = result.train_loss
+        if history is not None:
+            history.extend(result.history)
         info["gpu_peak_gb"] = _gpu_peak()
         raise Done  # the numbers are in; skip writing the final model
 
@@ -242,8 +252,9 @@ def timed_train(tr, cfg, clock: "StepClock", info: dict, before=None, count: str
         tr.fit = real_fit
 
 
-def trl_clock(clock: "StepClock", info: dict, before=None):
-    """A transformers TrainerCallback timing each optimizer step into `clock` and reading peak memory."""
+def trl_clock(clock: "StepClock", info: dict, before=None, logs: list | None = None):
+    """A transformers TrainerCallback timing each optimizer step into `clock` and reading peak memory; `logs`,
+    if given, receives every dict the trainer logs (with its global step under "step")."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
@@ -260,6 +271,11 @@ def trl_clock(clock: "StepClock", info: dict, before=None):
             clock.end = time.perf_counter()
             info["train_peak_kb"] = _status_kb("VmHWM")
 
+        def on_log(self, args_, state, control, logs=None, **kw):
+            if logs is not None and logs_out is not None:
+                logs_out.append({"step": state.global_step, **logs})
+
+    logs_out = logs
     return Clock()
 
 
