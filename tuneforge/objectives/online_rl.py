@@ -33,7 +33,7 @@ import torch
 from tuneforge.errors import TuneforgeError
 from tuneforge.models.heads import train_module
 from tuneforge.objectives.base import LossOutput, Objective
-from tuneforge.objectives.functional import token_logps
+from tuneforge.objectives.functional import supervised_positions, token_logps
 from tuneforge.objectives.rl_losses import clipped_policy_loss, clipped_value_loss
 from tuneforge.rl import advantages as adv
 from tuneforge.rl.kl import AdaptiveKLController, FixedKLController, kl_per_token, sequence_kl
@@ -66,6 +66,9 @@ class OnlineRL(Objective):
             raise TuneforgeError(f"train.grad_accum ({t.grad_accum}) must be a multiple of rl.mini_batches "
                                  f"({r.mini_batches}): each update takes whole micro-batches of prompts")
         self.updates_per_batch = r.epochs * r.mini_batches
+        # grpo with one update per batch of rollouts: the policy of the update is the one that sampled, so the
+        # ratio's "old" log-probs are the loss's own, detached (one forward fewer; TRL does the same)
+        self.single_pass = algorithm == "grpo" and self.updates_per_batch == 1
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -157,12 +160,13 @@ class OnlineRL(Objective):
         out = {}
         was_training = tm.training
         tm.eval()  # the numbers the sampler's policy gives (no dropout), as the loss will recompute them
+        segments = supervised_positions(batch)[0](batch["sequence_ids"])
         with autocast():
             if self.algorithm == "ppo":
-                out["old_logps"], out["old_values"], segments = token_logps(
+                out["old_logps"], out["old_values"], _ = token_logps(
                     tm, batch, temperature=self.r.temperature, value_head=VALUE_HEAD)
-            else:
-                out["old_logps"], segments = token_logps(tm, batch, temperature=self.r.temperature)
+            elif not self.single_pass:  # one update per batch of rollouts: the loss's own detached log-probs
+                out["old_logps"], _ = token_logps(tm, batch, temperature=self.r.temperature)
             if self.needs_reference:
                 with self._reference_context(tm) as ref:
                     out["ref_logps"], _ = token_logps(ref, batch, temperature=self.r.temperature)
@@ -172,7 +176,7 @@ class OnlineRL(Objective):
 
     # ------------------------------------------------------------------ the contract
     def prepare(self, module, micro_batches: list[dict]) -> list[list[dict]]:
-        from tuneforge.rl.rollout import make_generator
+        from tuneforge.rl.rollout import make_generator, sampled_logps
         from tuneforge.train.loop import make_autocast
         tm = train_module(module)
         device = next(tm.parameters()).device
@@ -191,8 +195,10 @@ class OnlineRL(Objective):
         batches, at = [], 0
         for b, n in zip(micro_batches, per_mb):
             k = n * self.group
-            batch = self._collate(examples[at:at + k], device)
+            chunk = examples[at:at + k]
+            batch = self._collate(chunk, device)
             batch.update(self._token_numbers(tm, batch, autocast))
+            batch["sampled_logps"] = sampled_logps(rollouts, chunk).to(device)  # the sampler's own numbers
             batch["scores"], batch["num_sequences"] = scores[at:at + k], k
             batch["is_real"] = b.get("is_real", True)
             batches.append(batch)
@@ -202,7 +208,10 @@ class OnlineRL(Objective):
         self._watch_kl(batches)
         if dist.is_main() and self.r.samples_every and self.step % self.r.samples_every == 0:
             self._write_samples(prompt_texts, texts, scored, rollouts)
+        gaps = [float((b["old_logps"] - b["sampled_logps"]).abs().max()) for b in batches
+                if "old_logps" in b and b["old_logps"].numel()]
         stats = {"reward": (float(scores.sum()), float(scores.numel())),
+                 "logp_gap_max": (max(gaps) if gaps else 0.0, 1.0),  # sampler vs training path: precision only
                  "reward_std": (float(scores.std()) if scores.numel() > 1 else 0.0, 1.0),
                  "completion_length": (float(rollouts.num_tokens), float(len(rollouts))),
                  "stopped": (float(sum(rollouts.stopped)), float(len(rollouts))),
@@ -255,7 +264,8 @@ class OnlineRL(Objective):
         """Mean KL to the reference per completion: feeds the adaptive controller (ppo) and the budget."""
         if not self.needs_reference:
             return
-        kl_sum = sum(float(sequence_kl(kl_per_token(b["old_logps"], b["ref_logps"], "k1"), b["segments"],
+        kl_sum = sum(float(sequence_kl(kl_per_token(b.get("old_logps", b["sampled_logps"]), b["ref_logps"], "k1"),
+                                       b["segments"],
                                        b["num_sequences"]).sum()) for b in batches if b["is_real"])
         n = sum(b["num_sequences"] for b in batches if b["is_real"])
         total = dist.all_sum([kl_sum, float(n)])
@@ -299,7 +309,8 @@ class OnlineRL(Objective):
         else:
             logps, segments = token_logps(module, batch, temperature=r.temperature)
         beta = r.beta if self.algorithm == "grpo" else 0.0  # rloo and ppo put the KL in the reward
-        out = clipped_policy_loss(logps.float(), batch["old_logps"], batch["advantages"], segments, n_seq,
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach().float()
+        out = clipped_policy_loss(logps.float(), old, batch["advantages"], segments, n_seq,
                                   loss_type=r.loss_type, eps_low=r.clip_range, eps_high=r.clip_range_high,
                                   max_new_tokens=r.max_new_tokens, ref_logps=batch.get("ref_logps"), beta=beta,
                                   kl_estimator=r.kl_estimator)
