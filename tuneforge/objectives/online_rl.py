@@ -262,9 +262,10 @@ class OnlineRL(Objective):
                 rewards = adv.ppo_token_rewards(kl, b["scores"], b["segments"], self.kl.coef)
                 b["advantages"], b["returns"] = adv.gae(rewards, b["old_values"], b["segments"],
                                                         b["num_sequences"], r.gamma, r.lam)
-            if r.whiten_advantages:
+            if r.whiten_advantages:  # over the step's real rollouts on every rank (a padding micro-batch: none)
                 flat = torch.cat([b["advantages"] for b in batches])
-                white = adv.whiten(flat)
+                real = torch.cat([torch.full_like(b["advantages"], float(b["is_real"])) for b in batches])
+                white = adv.whiten(flat, mask=real, all_sum=dist.all_sum)
                 at = 0
                 for b in batches:
                     n = b["advantages"].numel()
