@@ -73,6 +73,14 @@ def test_first_update_of_each_batch_has_ratio_one_and_eval_reports_the_baseline(
     assert all(abs(r["ratio_mean"] - 1.0) < 1e-5 and r["clip_fraction"] == 0.0 for r in first)
     assert all(abs(r["ratio_mean"] - 1.0) > 1e-6 for r in second)
     assert all(r["reward"] is not None and r["gen_tokens_per_s"] > 0 for r in first)
+    # where each batch's wall time went, on its first update's row: generation, the method's whole prepare
+    # (generation, rewards, reference numbers) and the optimizer updates, shares of the batch's seconds
+    for r in first:
+        assert r["time/batch_seconds"] > 0
+        assert 0 < r["time/generation_share"] <= r["time/prepare_share"] < 1 and 0 < r["time/update_share"] < 1
+        assert r["time/prepare_share"] + r["time/update_share"] <= 1 + 1e-9
+        assert r["time/generation_share"] == pytest.approx(r["gen_seconds"] / r["time/batch_seconds"])
+    assert not any("time/generation_share" in r for r in second)  # once per batch of data
     before, after = res["eval_before"], res["train"]["eval"]
     assert {"reward", "reward_reference", "kl", "completion_length"} <= set(after)
     assert before["reward"] == pytest.approx(before["reward_reference"], abs=1e-6) and before["kl"] == 0.0
