@@ -40,7 +40,15 @@ def rl_config(method, model_dir, tmp_path, reward, lora=False, **kw):
     return cfg
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo"])
+# ppo: known open (issue 11). With the sampler's streams of the main branch this passed for train.seed 0 by 0.001
+# and failed for seeds 1 and 3; with per-row seeds it fails for 0, 1 and passes for 3: per-batch reward noise
+# (16 samples: +-0.06) is as large as what ppo learns here; a run at lr 1e-12 shows the same spread. Not strict, so
+# a pass is reported (XPASS) rather than hidden; the fix is a ppo setting that learns this reward for every seed.
+PPO_NOT_ROBUST = pytest.mark.xfail(reason="ppo's rise on the tiny model is within batch noise (see comment)",
+                                   strict=False)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", pytest.param("ppo", marks=PPO_NOT_ROBUST)])
 def test_reward_rises(method, tiny_model_dir, tmp_path, reward_module):
     """Full fine-tuning of the tiny model (its LoRA adapter is too small to move it in a few steps), the
     reference a frozen copy of the starting model."""
@@ -54,12 +62,7 @@ def test_reward_rises(method, tiny_model_dir, tmp_path, reward_module):
     rows = rows[::cfg.rl.epochs]  # the first update of each batch: rewards of its rollouts
     assert len(rows) == 16
     rewards = [r["reward"] for r in rows]
-    if method == "ppo":  # ppo learns this reward in its first one or two batches, then holds it: first-4 against
-        # last-4 batches of 16 samples was a coin flip (1 of train.seed 0-3 passed, before and after per-row
-        # seeds); the starting policy's batch against the last 8 passed for all four by 0.025 or more
-        assert sum(rewards[-8:]) / 8 > rewards[0] + 0.04, rewards
-    else:
-        assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.08, rewards
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.08, rewards
     assert all(r["kl"] is not None for r in rows) and rows[-1]["kl"] > 0
 
 
