@@ -73,12 +73,23 @@ def _reward_heads(cfg, model):
     return make_reward_head(cfg, model)
 
 
+def _starting_model(cfg) -> Callable:
+    """device -> the config's model as a run loads it, before any training: full fine-tuning's online RL
+    reference on a resume (the checkpoint holds the tuned weights; the starting ones are model.name on disk)."""
+    def load(device):
+        from tuneforge.models.heads import TrainModule
+        from tuneforge.run import load_model_and_tokenizer
+        model, _ = load_model_and_tokenizer(cfg, device)
+        return TrainModule(model)
+    return load
+
+
 def _online_rl_objective(algorithm: str) -> Callable:
     def build(cfg, tokenizer=None):
         from tuneforge.objectives.online_rl import make_online_rl
         if tokenizer is None:
             raise ValueError(f"method {algorithm} needs the tokenizer (stop tokens, decoding completions)")
-        return make_online_rl(cfg, tokenizer, algorithm)
+        return make_online_rl(cfg, tokenizer, algorithm, reference_loader=_starting_model(cfg))
     return build
 
 

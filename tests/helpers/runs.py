@@ -64,7 +64,7 @@ def write_prompt_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.0, **train_kw):
+def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.0, rl=None, **train_kw):
     train_section = {"output_dir": str(out), "max_steps": 8, "micro_batch_size": 4, "lr": 3e-3,
                      "progress": False, "tensorboard": False, "warmup_ratio": 0.0,
                      "autocast": "none", **train_kw}  # float32 on every machine: exact invariants
@@ -72,7 +72,7 @@ def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.
     return config_from_dict({
         "method": method, "model": {"name": str(model_dir)}, "data": data,
         "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": lora_dropout},
-        "train": train_section, "eval": {"loss": False},
+        "train": train_section, "eval": {"loss": False}, **({"rl": rl} if rl is not None else {}),
     })
 
 
@@ -93,17 +93,36 @@ DATA_WRITERS = {
 }
 
 
+# Online RL in the invariant tests: a shipped reward that differs between the tiny model's random completions
+# (their length in characters), 4 new tokens, 2 samples per prompt, a sample of every step in samples.jsonl;
+# ppo with the adaptive KL controller, whose coefficient a resume must restore.
+_RL_SETUP = {"reward_functions": [{"name": "tuneforge.rl.rewards:length_penalty", "args": {"max_chars": 4}}],
+             "max_new_tokens": 4, "num_generations": 2, "samples_every": 1}
+
 # Settings a method needs in the invariant tests, which drive its objective directly: DPO's reference there is
 # the base with the adapter disabled (full fine-tuning's precomputed reference is a run's: tests/objectives).
-METHOD_SETUP = {"dpo": {"lora": True}}
+METHOD_SETUP = {"dpo": {"lora": True}, "grpo": {"rl": _RL_SETUP}, "rloo": {"rl": _RL_SETUP},
+                "ppo": {"rl": {**_RL_SETUP, "kl_target": 0.01, "kl_horizon": 10.0}}}
 
 
 def token_batch_methods() -> list[str]:
     """Methods whose batches come from the data as it is (every method but online RL, whose objective samples
-    its own training batches from the policy): the loss-level invariants (gradient accumulation, packing, 2 ranks,
-    resume) drive these directly. Online RL's own versions are in tests/integration/test_online_rl.py."""
+    its own training batches from the policy): the loss-level invariants (one update's gradients, packing)
+    drive their objective directly on collated data. The run-level invariants (gradient accumulation through
+    fit, resume, 2 ranks) take every method: `all_methods`."""
     from tuneforge.methods import METHODS
     return sorted(m for m, entry in METHODS.items() if entry.batching is None)
+
+
+def all_methods() -> list[str]:
+    from tuneforge.methods import METHODS
+    return sorted(METHODS)
+
+
+def online_rl_methods() -> list[str]:
+    """Methods whose objective samples its own training batches (the loop hands it prompts)."""
+    from tuneforge.methods import METHODS
+    return sorted(m for m, entry in METHODS.items() if entry.batching is not None)
 
 
 def load_for_method(method: str, model_dir, attn_implementation: str | None = None):

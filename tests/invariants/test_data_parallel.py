@@ -1,6 +1,8 @@
 """Data parallelism: `torchrun --nproc_per_node 2 -m tuneforge train CONFIG` (DDP, gloo, this CPU) trains
 exactly what one process trains with the same global batch, for every registered method: the same losses
-step by step (to 1e-5 in float32) and the same final weights. Rank 0 alone writes the run folder."""
+step by step (to 1e-5 in float32) and the same final weights. Rank 0 alone writes the run folder. Online RL
+also samples the same (each prompt's draws seeded by its place in the step's global batch, not by the rank):
+the same rewards, and samples.jsonl holds the same rows, written once."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import method_config, read_metrics, write_config_yaml
-from helpers.runs import token_batch_methods
+from helpers.runs import all_methods, online_rl_methods
 
 
 def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
@@ -28,7 +30,12 @@ def _train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("method", token_batch_methods())
+# rloo shares grpo's every data-parallel path (sampling, groups, statistics); only its advantages differ, checked
+# against hand computations (tests/objectives/test_rl_math.py): 2 torchrun runs fewer
+DP_METHODS = [m for m in all_methods() if m != "rloo"]
+
+
+@pytest.mark.parametrize("method", DP_METHODS)
 def test_two_ranks_train_what_one_rank_trains(method, tiny_model_dir, tmp_path):
     runs = {}
     for ranks, accum in ((1, 4), (2, 2)):  # the same global batch: 2 examples x 4 micro-batches
@@ -49,6 +56,14 @@ def test_two_ranks_train_what_one_rank_trains(method, tiny_model_dir, tmp_path):
     rows1 = [r for r in read_metrics(one) if r["split"] == "train"]
     rows2 = [r for r in read_metrics(two) if r["split"] == "train"]
     assert [r["count"] for r in rows1] == [r["count"] for r in rows2]  # counts summed over ranks
+    if method in online_rl_methods():
+        for key in ("reward", "reward_std", "completion_length", "kl"):
+            for a, b in zip([r[key] for r in rows1], [r[key] for r in rows2]):
+                assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (key, rows1, rows2)
+        samples1 = (one / "samples.jsonl").read_text().splitlines()
+        samples2 = (two / "samples.jsonl").read_text().splitlines()
+        assert len(samples1) == 4 * 4 * (1 if method == "ppo" else 2)  # 4 steps x the first 4 prompts' samples
+        assert samples2 == samples1
     name = "adapter_model.safetensors" if cfg.lora.enabled else "model.safetensors"
     w1, w2 = load_file(str(one / "final" / name)), load_file(str(two / "final" / name))
     assert w1.keys() == w2.keys()

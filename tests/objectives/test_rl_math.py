@@ -385,3 +385,24 @@ def test_value_loss_without_clipping_is_half_the_squared_error():
     out = clipped_value_loss(t(V), t(V_OLD), t(RETURNS), seg(VALUE_SEGMENTS), 2, clip_range=None, loss_type="dapo")
     assert out.loss_sum.item() == pytest.approx(0.5 * (0.04 + 0.09 + 1.0 + 2.25))
     assert out.metrics["value_clip_fraction"] == (0.0, 4.0)
+
+
+def test_whitening_across_ranks_uses_every_ranks_tokens():
+    """Under data parallelism (all_sum adds over ranks) a rank's tokens are whitened with the statistics of the
+    whole batch, as one rank holding it all: here "rank 0" holds x[:2], the other rank x[2:] (masked token too)."""
+    x, mask = t([1.0, 2.0, 3.0, 4.0, 9.0]), t([1.0, 1.0, 1.0, 1.0, 0.0])
+
+    def other_rank(theirs):
+        means = []
+
+        def all_sum(values):  # first call: (sum, count); second: the squares about the global mean
+            other = ([float(theirs.sum()), float(theirs.numel())] if not means
+                     else [float((theirs - means[0]).square().sum())])
+            out = [a + b for a, b in zip(values, other)]
+            means.append(out[0] / out[1] if not means else None)
+            return out
+        return all_sum
+
+    expected = whiten(x, mask=mask)
+    close(whiten(x[:2], all_sum=other_rank(x[2:4].double())), expected[:2].tolist(), 1e-12)
+    close(whiten(x[2:], mask=mask[2:], all_sum=other_rank(x[:2].double())), expected[2:].tolist(), 1e-12)

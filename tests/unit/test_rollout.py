@@ -17,11 +17,11 @@ from tuneforge.data.collate import collate_sequences
 from tuneforge.data.example import Example
 from tuneforge.data.chat import TokenizedExample
 from tuneforge.data.packing import PackedExamples, collate_packed_sequences
-from tuneforge.eval.generation import encode_prompts, generate, left_pad, nucleus_mask, sample_completions, \
-    stop_token_ids
+from tuneforge.eval.generation import encode_prompts, generate, inverse_cdf, left_pad, nucleus_mask, \
+    sample_completions, stop_token_ids
 from tuneforge.models.heads import TrainModule
 from tuneforge.objectives.functional import token_logps
-from tuneforge.rl.rollout import make_generator, rollout, sampled_logps
+from tuneforge.rl.rollout import make_generator, rollout, row_seed, sampled_logps
 
 QUESTIONS = ["Hi", "What is the capital of France? Tell me please.", "Add 2 and 3.",
              "Translate to French: hello world, and then tell me a short story about a fox."]
@@ -221,3 +221,34 @@ def test_generation_runs_in_eval_mode_and_restores_each_module_mode(tiny_model_d
     assert runs[0].tokens == runs[1].tokens == reference.tokens  # no dropout while sampling
     for x, y in zip(runs[0].logps, reference.logps):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_seeded_rows_sample_the_same_in_any_decoding_batch(model, prompts, tiny_tokenizer):
+    """Per-row seeds (online RL's row_seed): a row draws the same tokens alone, in a padded batch with other
+    prompts, or in another order; its log-probs agree to float rounding (the batch's padding changes shapes)."""
+    seeds = [row_seed(3, 5, place, 0) for place in range(len(prompts))]
+    together = _sample(model, prompts, tiny_tokenizer, generator=None, seeds=seeds, temperature=1.5, top_p=0.95)
+    backwards = _sample(model, prompts[::-1], tiny_tokenizer, generator=None, seeds=seeds[::-1], temperature=1.5,
+                        top_p=0.95)
+    for r, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = _sample(model, [p], tiny_tokenizer, generator=None, seeds=[s], temperature=1.5, top_p=0.95)
+        for other in (alone, backwards):
+            k = 0 if other is alone else len(prompts) - 1 - r
+            assert other.tokens[k] == together.tokens[r]
+            torch.testing.assert_close(other.logps[k], together.logps[r], rtol=0, atol=1e-5)
+    assert len({tuple(t) for t in together.tokens}) == len(prompts)
+    other_step = _sample(model, prompts, tiny_tokenizer, generator=None, temperature=1.5, top_p=0.95,
+                         seeds=[row_seed(3, 6, place, 0) for place in range(len(prompts))])
+    assert other_step.tokens != together.tokens  # the step enters the seed
+
+
+def test_inverse_cdf_draws_by_weight_and_never_a_zero_weight_token():
+    weights = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 5)
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.9999, 1.0 - 2 ** -24])
+    assert inverse_cdf(weights, u).tolist() == [1, 1, 3, 3, 3]
+    edge = torch.tensor([[0.3, 0.7, 0.0]])  # u x total rounding up to the total: still the last token with weight
+    assert inverse_cdf(edge, torch.tensor([1.0])).tolist() == [1]
+    draws = inverse_cdf(torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4),
+                        torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(draws, minlength=4).double() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64), atol=0.015, rtol=0)

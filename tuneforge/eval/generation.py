@@ -115,10 +115,33 @@ def _parts(model):
     return tm.body(), head.weight
 
 
+def row_uniforms(seeds: Sequence[int], length: int) -> torch.Tensor:
+    """(len(seeds), length) uniforms in [0, 1), row r drawn from a generator seeded by seeds[r] alone: a row's
+    draws never depend on which rows share its decoding batch (RL rollouts split over ranks and batches sample
+    what one batch would). One small draw per row, not per token: about 10 microseconds a row."""
+    if not seeds:
+        return torch.empty(0, length)
+    return torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, V) non-negative weights, (B,) uniforms in [0, 1) -> (B,) ids: per row the first token whose
+    cumulative weight exceeds u x the row's total (inverse transform sampling), so a token of weight 0 is never
+    drawn and each row uses its own uniform only."""
+    cdf = weights.cumsum(-1)  # (B, V), per row
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    over = token >= weights.shape[-1]
+    if bool(over.any()):  # u x total rounded up to the total: the row's last token with weight
+        last = weights.shape[-1] - 1 - (weights.flip(-1) > 0).to(torch.int8).argmax(-1)
+        token = torch.where(over, last, token)
+    return token
+
+
 @torch.no_grad()
 def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
                        temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                       generator: torch.Generator | None = None) -> Completions:
+                       generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> Completions:
     """The one token-level generation core (eval, chat, rank and RL rollouts all run on it).
 
     Prompts are left-padded into one batch; the model's own forward fills a transformers DynamicCache with the
@@ -127,7 +150,9 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     `stop_ids` (kept as its last token) or after `max_new_tokens`; the loop exits once every row stopped.
 
     Sampling (do_sample and temperature > 0) draws from softmax(logits / temperature) restricted to the top-p
-    nucleus, with `generator` (its state is what a checkpoint saves; None: torch's global generator). Greedy
+    nucleus by inverse transform sampling: row r's token at step t comes from its own uniform u[r, t], drawn up
+    front from `seeds[r]` (`row_uniforms`: a row samples the same whatever batch it is in) or else from
+    `generator` (None: torch's global generator). Greedy
     otherwise (argmax of the logits). The log-prob returned for each token is the one under the
     temperature-scaled FULL softmax (temperature 1 when greedy), not under the renormalised nucleus: the same
     quantity training recomputes from hidden / temperature (objectives/functional.py `token_logps`), so the
@@ -147,6 +172,13 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
         mask = None  # no padding: causal attention needs no mask (as transformers' generate does)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     rows = ids.shape[0]
+    if sampling and seeds is not None:
+        if len(seeds) != rows:
+            raise TuneforgeError(f"sample_completions: {len(seeds)} seeds for {rows} prompt rows")
+        uniforms = row_uniforms(seeds, max_new_tokens).to(device)  # (B, L)
+    elif sampling:
+        where = generator.device if generator is not None else torch.device("cpu")
+        uniforms = torch.rand((rows, max_new_tokens), generator=generator, device=where).to(device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps_tok, steps_logp, steps_live = [], [], []
     cache = DynamicCache(config=unwrap(model).config)
@@ -160,7 +192,7 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
             if sampling:
                 probs = logp_all.exp()
                 probs = probs.masked_fill_(~nucleus_mask(probs, top_p), 0.0)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                token = inverse_cdf(probs, uniforms[:, step])
             else:
                 token = logits.argmax(-1)
             steps_live.append(~done)  # a row that stopped goes on decoding in the batch; its tokens are cut

@@ -5,6 +5,9 @@
   list of micro-batches (SFT: the batch as it is, one update; PPO later: rollouts, then epochs x mini-batches;
   GRPO: each prompt's group whole inside one update). Every rank must return the same number of updates with
   the same number of micro-batches each. `updates_per_batch` says how many, so the schedule is known ahead.
+  Each micro-batch also carries `is_real` (False: a rank's padding micro-batch, weighed by zero) and
+  `step_index`, its examples' places in the step's global batch (all ranks), for maths that must not depend on
+  how the batch is split (online RL seeds each prompt's samples by it).
 - For each update the loop calls `begin_update` once (a method that needs every micro-batch first, such as
   cached contrastive embeddings, does that pass here), then `loss` on each micro-batch and back-propagates
   its loss SUM; under data parallelism gradients are synchronised only on the last micro-batch.

@@ -2,8 +2,10 @@
 
 One batch of data is a batch of prompts. `prepare` turns it into updates, through the loop's contract:
 1. rollouts: every prompt sampled `rl.num_generations` times (grpo, rloo) or once (ppo) on the one decoding
-   core (KV cache, left padding, stop at end of turn; rl/rollout.py), from a generator seeded by (train.seed,
-   step, rank), so a resumed run samples exactly what the uninterrupted one did, with no state to save;
+   core (KV cache, left padding, stop at end of turn; rl/rollout.py), each sample's draws from its own seed
+   (train.seed, step, the prompt's place in the step's global batch, the generation: rollout.row_seed), so 1
+   rank and 2, any decoding batch or micro-batch split, and a resumed run sample the same, with no state to
+   save;
 2. rewards: the reward model and/or functions (rl/rewards.py), checked (a NaN, a wrong count or a raising
    function stops the run naming the function and the sample);
 3. log-probs of the sampled tokens under the policy as it is (the "old" policy of the ratio), the reference
@@ -16,7 +18,9 @@ One batch of data is a batch of prompts. `prepare` turns it into updates, throug
    sequence never span micro-batches), every one an optimizer step of the one loop.
 
 The reference is the base with the adapter disabled under LoRA; under full fine-tuning a frozen copy of the
-starting model, kept by this objective (twice the weights in memory: the only option without an adapter).
+starting model, kept by this objective (twice the weights in memory: the only option without an adapter); a
+resumed full fine-tuning run loads it again from the config's model (`reference_loader`), as the
+uninterrupted run copied it before its first update.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ def _short(text: str, n: int = 60) -> str:
 class OnlineRL(Objective):
     eval_key = "reward"
 
-    def __init__(self, cfg, tokenizer, algorithm: str):
+    def __init__(self, cfg, tokenizer, algorithm: str, reference_loader=None):
+        """`reference_loader(device) -> module`: the starting model as a run loads it (methods.py gives
+        config's model.name); full fine-tuning's reference on a resume, when the starting weights are gone."""
         from tuneforge.eval.generation import stop_token_ids
         r = cfg.rl
         if algorithm not in (*GROUP_METHODS, "ppo"):
@@ -79,18 +85,22 @@ class OnlineRL(Objective):
         self.step, self.over_budget = 0, 0
         self._rewards = None
         self._reference = None  # full fine-tuning: the frozen starting model
+        self.reference_loader = reference_loader
         self._reference_answers = None  # held-out: the reference's own answers and rewards, computed once
 
     # ------------------------------------------------------------------ state across a run and a resume
     def start(self, module, resumed: bool, step: int = 0) -> None:
         self.step = step
         if self.full_reference and self._reference is None and self.needs_reference:
-            if resumed:  # the starting weights are gone from memory: the checkpoint holds the tuned ones
+            if not resumed:
+                reference = copy.deepcopy(train_module(module))
+            elif self.reference_loader is not None:  # the module holds the checkpoint's tuned weights now
+                reference = self.reference_loader(next(train_module(module).parameters()).device)
+            else:
                 raise TuneforgeError(
-                    "resuming a full fine-tuning online RL run needs its reference, the starting model: "
-                    "restarting from a checkpoint would take the tuned weights as the reference. Resume LoRA "
-                    "runs (the reference is the base with the adapter disabled), or start again")
-            self._reference = copy.deepcopy(train_module(module)).eval().requires_grad_(False)
+                    "resuming a full fine-tuning online RL run needs its reference, the starting model, and "
+                    "this objective was given no reference_loader: the checkpoint holds only the tuned weights")
+            self._reference = reference.eval().requires_grad_(False)
 
     def state_dict(self) -> dict:
         return {"kl": self.kl.state_dict(), "over_budget": self.over_budget}
@@ -129,11 +139,11 @@ class OnlineRL(Objective):
         lora_b = [p for n, p in tm.named_parameters() if "lora_B" in n]
         return bool(lora_b) and all(not bool(p.detach().any()) for p in lora_b)
 
-    def _sample(self, tm, prompts: list, generator, greedy: bool = False):
+    def _sample(self, tm, prompts: list, seeds=None, greedy: bool = False):
         from tuneforge.rl.rollout import rollout
         return rollout(tm, prompts, max_new_tokens=self.r.max_new_tokens, stop_ids=self.stop_ids,
                        pad_id=self.pad_id, num_generations=1 if greedy else self.group,
-                       temperature=self.r.temperature, top_p=self.r.top_p, generator=generator,
+                       temperature=self.r.temperature, top_p=self.r.top_p, seeds=seeds,
                        batch_size=self.r.rollout_batch_size, greedy=greedy)
 
     def _score(self, rollouts):
@@ -176,7 +186,7 @@ class OnlineRL(Objective):
 
     # ------------------------------------------------------------------ the contract
     def prepare(self, module, micro_batches: list[dict]) -> list[list[dict]]:
-        from tuneforge.rl.rollout import make_generator, sampled_logps
+        from tuneforge.rl.rollout import row_seed, sampled_logps
         from tuneforge.train.loop import make_autocast
         tm = train_module(module)
         device = next(tm.parameters()).device
@@ -184,9 +194,13 @@ class OnlineRL(Objective):
         autocast = make_autocast(self.autocast_mode, device)
         prompts = [ex for b in micro_batches for ex in b["examples"]]
         per_mb = [len(b["examples"]) for b in micro_batches]
-        generator = make_generator(self.seed * 1_000_003 + 7919 * self.step + dist.rank(), device)
+        # each prompt's place in the step's global batch (the loop's step_index; the order given otherwise)
+        places = [p for b in micro_batches for p in b.get("step_index", ())]
+        places = places if len(places) == len(prompts) else list(range(len(prompts)))
+        real = [b.get("is_real", True) for b, n in zip(micro_batches, per_mb) for _ in range(n * self.group)]
         t0 = time.perf_counter()
-        rollouts = self._sample(tm, prompts, generator)
+        seeds = [[row_seed(self.seed, self.step, p, g) for g in range(self.group)] for p in places]
+        rollouts = self._sample(tm, prompts, seeds)
         gen_seconds = time.perf_counter() - t0
         scored, texts, prompt_texts = self._score(rollouts)
         scores = scored.total.to(device)  # (S,)
@@ -206,19 +220,14 @@ class OnlineRL(Objective):
         self._advantages(batches)
         prep_seconds = time.perf_counter() - t1
         self._watch_kl(batches)
-        if dist.is_main() and self.r.samples_every and self.step % self.r.samples_every == 0:
-            self._write_samples(prompt_texts, texts, scored, rollouts)
+        if self.r.samples_every and self.step % self.r.samples_every == 0:  # every rank: a collective
+            self._write_samples(prompt_texts, texts, scored, rollouts, places, real)
+        stats = self._rollout_stats(scored, rollouts, real)
+        stats.update({"gen_seconds": (gen_seconds, 1.0), "score_seconds": (prep_seconds, 1.0),
+                      "gen_tokens_per_s": (rollouts.num_tokens / max(gen_seconds, 1e-9), 1.0)})
         gaps = [float((b["old_logps"] - b["sampled_logps"]).abs().max()) for b in batches
                 if "old_logps" in b and b["old_logps"].numel()]
-        stats = {"reward": (float(scores.sum()), float(scores.numel())),
-                 "logp_gap_max": (max(gaps) if gaps else 0.0, 1.0),  # sampler vs training path: precision only
-                 "reward_std": (float(scores.std()) if scores.numel() > 1 else 0.0, 1.0),
-                 "completion_length": (float(rollouts.num_tokens), float(len(rollouts))),
-                 "stopped": (float(sum(rollouts.stopped)), float(len(rollouts))),
-                 "gen_seconds": (gen_seconds, 1.0), "gen_tokens_per_s": (rollouts.num_tokens / max(gen_seconds, 1e-9), 1.0),
-                 "score_seconds": (prep_seconds, 1.0)}
-        for name, values in scored.per_source.items():
-            stats[f"reward/{name}"] = (float(values.sum()), float(values.numel()))
+        stats["logp_gap_max"] = (max(gaps) if gaps else 0.0, 1.0)  # sampler vs training path: precision only
         if self.algorithm == "ppo":
             stats["kl_coef"] = (float(self.kl.coef), 1.0)
         self.step += 1
@@ -231,6 +240,24 @@ class OnlineRL(Objective):
                     b["stats"] = stats if i == 0 and b["is_real"] else {k: (0.0, 0.0) for k in stats}
                 updates.append(update)
         return updates
+
+    def _rollout_stats(self, scored, rollouts, real: list[bool]) -> dict:
+        """(sum, count) pairs over this rank's real rollouts (a rank's padding micro-batch counts as nothing),
+        which the loop adds over ranks; the reward's std is of the whole step's rewards, from sums over ranks."""
+        keep = torch.tensor(real, dtype=torch.bool)
+        scores = scored.total.detach().double().cpu()[keep]
+        n, total, squares = dist.all_sum([float(scores.numel()), float(scores.sum()), float((scores ** 2).sum())])
+        std = ((squares - total * total / n) / (n - 1)) ** 0.5 if n > 1 else 0.0  # unbiased, as torch.std
+        share = float(scores.numel()) / max(n, 1.0)  # each rank's part of the std, so the ranks' parts add up
+        lengths = [len(c) for c, r in zip(rollouts.completion_ids, real) if r]
+        stats = {"reward": (float(scores.sum()), float(scores.numel())),
+                 "reward_std": (std * share, share),
+                 "completion_length": (float(sum(lengths)), float(len(lengths))),
+                 "stopped": (float(sum(s for s, r in zip(rollouts.stopped, real) if r)), float(len(lengths)))}
+        for name, values in scored.per_source.items():
+            values = values.detach().double().cpu()[keep]
+            stats[f"reward/{name}"] = (float(values.sum()), float(values.numel()))
+        return stats
 
     def _advantages(self, batches: list[dict]) -> None:
         r = self.r
@@ -252,9 +279,10 @@ class OnlineRL(Objective):
                 rewards = adv.ppo_token_rewards(kl, b["scores"], b["segments"], self.kl.coef)
                 b["advantages"], b["returns"] = adv.gae(rewards, b["old_values"], b["segments"],
                                                         b["num_sequences"], r.gamma, r.lam)
-            if r.whiten_advantages:
+            if r.whiten_advantages:  # over the step's real rollouts on every rank (a padding micro-batch: none)
                 flat = torch.cat([b["advantages"] for b in batches])
-                white = adv.whiten(flat)
+                real = torch.cat([torch.full_like(b["advantages"], float(b["is_real"])) for b in batches])
+                white = adv.whiten(flat, mask=real, all_sum=dist.all_sum)
                 at = 0
                 for b in batches:
                     n = b["advantages"].numel()
@@ -289,16 +317,27 @@ class OnlineRL(Objective):
         else:
             self.over_budget = 0
 
-    def _write_samples(self, prompts, texts, scored, rollouts) -> None:
+    def _write_samples(self, prompts, texts, scored, rollouts, places: list[int], real: list[bool]) -> None:
+        """The samples of the step's first 4 prompts (by their place in the step's global batch, whichever
+        rank holds them) appended to samples.jsonl by rank 0 alone: the same rows for any number of ranks."""
+        rows = []
+        for i in range(len(texts)):
+            place = places[rollouts.group[i]]
+            if not real[i] or place >= 4:
+                continue
+            row = {"step": self.step, "place": place, "generation": i % self.group, "prompt": prompts[i],
+                   "completion": texts[i], "reward": float(scored.total[i]), "stopped": bool(rollouts.stopped[i]),
+                   **{f"reward/{k}": float(v[i]) for k, v in scored.per_source.items()}}
+            if rollouts.texts[i].get("reference") is not None:
+                row["reference"] = rollouts.texts[i]["reference"]
+            rows.append(row)
+        rows = [row for part in dist.gather_objects(rows) for row in part]
+        if not dist.is_main():
+            return
         path = self.out_dir / "samples.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            for i in range(min(len(texts), 4 * self.group)):
-                row = {"step": self.step, "prompt": prompts[i], "completion": texts[i],
-                       "reward": float(scored.total[i]), "stopped": bool(rollouts.stopped[i]),
-                       **{f"reward/{k}": float(v[i]) for k, v in scored.per_source.items()}}
-                if rollouts.texts[i].get("reference") is not None:
-                    row["reference"] = rollouts.texts[i]["reference"]
+            for row in sorted(rows, key=lambda r: (r["place"], r["generation"])):
                 f.write(json.dumps(row) + "\n")
 
     def loss(self, module, batch: dict) -> LossOutput:
@@ -336,7 +375,7 @@ class OnlineRL(Objective):
             return {k: tuple(v) for k, v in out.items()}
         device = next(tm.parameters()).device
         self.packed = getattr(tm.base.config, "_attn_implementation", None) == "tuneforge_varlen"
-        rollouts = self._sample(tm, prompts, None, greedy=True)
+        rollouts = self._sample(tm, prompts, greedy=True)
         scored, _, _ = self._score(rollouts)
         out["reward"] = [float(scored.total.sum()), float(len(rollouts))]
         for name, values in scored.per_source.items():
@@ -348,7 +387,7 @@ class OnlineRL(Objective):
             self._reference_answers = (key, out["reward"][0], out["reward"][1])
         if self._reference_answers is None or self._reference_answers[0] != key:
             with self._reference_context(tm) as ref:
-                ref_roll = self._sample(ref, prompts, None, greedy=True)
+                ref_roll = self._sample(ref, prompts, greedy=True)
             ref_scored, _, _ = self._score(ref_roll)
             self._reference_answers = (key, float(ref_scored.total.sum()), float(len(ref_roll)))
         out["reward_reference"] = list(self._reference_answers[1:])
@@ -379,8 +418,8 @@ class _AdapterOff:
         return self.ctx.__exit__(*exc)
 
 
-def make_online_rl(cfg, tokenizer, algorithm: str) -> OnlineRL:
-    return OnlineRL(cfg, tokenizer, algorithm)
+def make_online_rl(cfg, tokenizer, algorithm: str, reference_loader=None) -> OnlineRL:
+    return OnlineRL(cfg, tokenizer, algorithm, reference_loader)
 
 
 def make_value_head(cfg, model) -> dict:

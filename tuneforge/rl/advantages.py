@@ -70,7 +70,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, segments: torch.Tensor, num
 
 @torch.no_grad()
 def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None, all_sum=None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with mean and variance over the update's tokens (those of `mask` if given;
     the flat layout holds only real tokens, so it needs none). Computed in `prepare` over all micro-batches of
     the update, not per micro-batch, so gradient accumulation does not change the advantages.
@@ -79,14 +79,23 @@ def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
     raise as many tokens as it lowers, which steadies PPO when the critic is still poor. shift_mean=False adds
     the mean back and only rescales: for rewards, whose sign means something. The variance is the population
     variance (divide by n): defined for a single token and n/(n-1) off the sample variance, which is nothing
-    over an update's hundreds of tokens. Tokens outside `mask` come back as 0. Under data parallelism these are
-    one rank's statistics; global ones would need the sum, square sum and count all-reduced first.
+    over an update's hundreds of tokens. Tokens outside `mask` come back as 0 (and count for nothing).
+    `all_sum` (train/distributed.py's: element-wise sums over ranks): the mean and variance of every rank's
+    tokens (float64 sums, two passes), so 2 ranks whiten as 1 rank holding the whole batch does.
     """
     chosen = values if mask is None else values[mask.bool()]
-    if chosen.numel() == 0:
-        raise TuneforgeError("whitening needs at least one token")
-    mean = chosen.mean()
-    var = (chosen - mean).square().mean()
+    if all_sum is None:
+        if chosen.numel() == 0:
+            raise TuneforgeError("whitening needs at least one token")
+        mean = chosen.mean()
+        var = (chosen - mean).square().mean()
+    else:
+        total, n = all_sum([float(chosen.double().sum()), float(chosen.numel())])
+        if n == 0:
+            raise TuneforgeError("whitening needs at least one token")
+        squares = all_sum([float((chosen.double() - total / n).square().sum())])[0]
+        mean = torch.tensor(total / n, dtype=values.dtype, device=values.device)
+        var = torch.tensor(squares / n, dtype=values.dtype, device=values.device)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -2,7 +2,8 @@
 prompt + completion becomes one training sequence.
 
 Sampling runs on the one decoding core (eval/generation.py `sample_completions`: KV cache, left padding,
-per-row stop, temperature and top-p, an explicit torch.Generator whose state a checkpoint saves). Training
+per-row stop, temperature and top-p; each row's draws from its own seed, `row_seed`, or from an explicit
+torch.Generator). Training
 never reuses the sampler's logits: each rollout becomes an `Example` with one "completion" sequence (prompt
 then completion, loss mask 1 on the completion tokens, the stop token included), so the collators that batch
 every other method (collate_sequences, packing.collate_packed_sequences) batch rollouts too, and the policy's,
@@ -14,6 +15,8 @@ first PPO epoch's ratio is exactly 1.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
 from dataclasses import dataclass
 
@@ -25,6 +28,14 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.eval.generation import sample_completions
 
 ROLE_NAMES = ("completion",)
+
+
+def row_seed(seed: int, step: int, position: int, generation: int) -> int:
+    """The seed of one sampled row: train.seed, the step, the prompt's index in the step's GLOBAL batch of data
+    and the generation index, hashed (blake2b) to 63 bits. Nothing else enters, so 1 rank and 2 ranks, any
+    rl.rollout_batch_size or micro-batch split, and a resumed run all draw the same tokens for that row."""
+    digest = hashlib.blake2b(struct.pack("<4q", seed, step, position, generation), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -75,14 +86,20 @@ class Rollouts:
 
 def rollout(module, prompts: list[Example], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
             num_generations: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-            generator: torch.Generator | None = None, batch_size: int = 16, greedy: bool = False) -> Rollouts:
+            generator: torch.Generator | None = None, batch_size: int = 16, greedy: bool = False,
+            seeds: list[list[int]] | None = None) -> Rollouts:
     """Sample `num_generations` completions for each prompt example (data/builders.py PromptBuilder: one
     "prompt" sequence), `batch_size` rows per decoding batch, the copies of a prompt side by side.
 
     Works on the policy as it is (LoRA active, or full weights); for the reference under LoRA, call it inside
-    the PEFT model's `disable_adapter()`. The module is put in eval mode while sampling and restored."""
+    the PEFT model's `disable_adapter()`. The module is put in eval mode while sampling and restored.
+    `seeds[k][g]`: the seed of prompt k's generation g (`row_seed`), in place of `generator`: each row then
+    samples the same whatever decoding batch it lands in."""
     if num_generations < 1:
         raise TuneforgeError(f"rl.num_generations must be at least 1, got {num_generations}")
+    if seeds is not None and (len(seeds) != len(prompts) or any(len(g) != num_generations for g in seeds)):
+        raise TuneforgeError(f"rollout: seeds must give {num_generations} per prompt for {len(prompts)} prompts")
+    flat_seeds = [s for per_prompt in seeds for s in per_prompt] if seeds is not None else None
     prompt_ids, group, texts = [], [], []
     for k, ex in enumerate(prompts):
         ids = list(ex.sequences[0].input_ids)
@@ -96,7 +113,8 @@ def rollout(module, prompts: list[Example], *, max_new_tokens: int, stop_ids: li
     start = time.perf_counter()
     for at in range(0, len(prompt_ids), batch_size):
         out = sample_completions(module, prompt_ids[at:at + batch_size], max_new_tokens, stop_ids, pad_id,
-                                 temperature=temperature, top_p=top_p, do_sample=not greedy, generator=generator)
+                                 temperature=temperature, top_p=top_p, do_sample=not greedy, generator=generator,
+                                 seeds=flat_seeds[at:at + batch_size] if flat_seeds is not None else None)
         completions += out.tokens
         logps += out.logps
         stopped += out.stopped

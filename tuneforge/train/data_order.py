@@ -53,6 +53,15 @@ def step_micro_batches(step: int, n: int, s, lengths: tuple | None = None, world
     return [list(chunk[i:i + s.micro_batch_size]) for i in range(0, len(chunk), s.micro_batch_size)]
 
 
+def step_places(micro_batches: list[list[int]]) -> list[list[int]]:
+    """Each example's place (0, 1, ...) in the step's global batch, shaped like `micro_batches`."""
+    places, at = [], 0
+    for mb in micro_batches:
+        places.append(list(range(at, at + len(mb))))
+        at += len(mb)
+    return places
+
+
 def rank_share(micro_batches: list, rank: int, world: int) -> list[tuple[list, bool]]:
     """This rank's micro-batches as (indices, real). Every rank gets the same number (DDP needs each rank to
     run the same backward passes); a rank short of data at the end of an epoch repeats one of the step's

@@ -86,6 +86,15 @@ def union_keys(keys: list[str]) -> list[str]:
     return sorted({k for ks in gathered for k in ks})
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a list of one without torchrun)."""
+    if not active():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank."""
     if not active():

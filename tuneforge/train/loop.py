@@ -23,7 +23,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.models.heads import as_train_module, train_module
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed as dist
-from tuneforge.train.data_order import rank_share, step_micro_batches, steps_per_epoch, total_steps
+from tuneforge.train.data_order import rank_share, step_micro_batches, step_places, steps_per_epoch, total_steps
 from tuneforge.train.logging import MetricsLogger, Progress
 from tuneforge.train.optim import lr_at, make_optimizer, set_lr
 
@@ -133,27 +133,39 @@ def fit(model, objective, train_data, collate, s, eval_data=None, resume: bool =
     objective.start(module, resumed=step > 0, step=step)
     with _StopFlag() as stop:
         while step < total:
-            batches = [dict(to_device(collate([train_data[i] for i in idx])), is_real=real)
-                       for idx, real in rank_share(step_micro_batches(step, n, s, lengths, world), rank, world)]
+            micro = step_micro_batches(step, n, s, lengths, world)
+            # step_index: each example's place in the step's global batch (all ranks), for methods whose maths
+            # must not depend on how the batch is split (online RL seeds each prompt's samples by it)
+            batches = [dict(to_device(collate([train_data[i] for i in idx])), is_real=real, step_index=places)
+                       for (idx, real), (places, _) in zip(rank_share(micro, rank, world),
+                                                           rank_share(step_places(micro), rank, world))]
             tm.train()
-            for k, update in enumerate(objective.prepare(module, batches)):
-                update_no = step * per_batch + k  # optimizer updates before this one
-                lr = lr_at(update_no, total_updates, s.lr, warmup, s.schedule, s.min_lr_ratio)
-                set_lr(optimizer, lr)
-                t0 = time.perf_counter()
-                row = _apply_update(module, objective, update, params, optimizer, autocast, s.max_grad_norm)
-                row.update(lr=lr, tokens_per_s=row["tokens"] / max(time.perf_counter() - t0, 1e-9))
-                seen_tokens += row["tokens"]
-                update_no += 1
-                if row["skipped"]:
-                    bad_steps += 1
-                    _log(logger, update_no, {**row, "bad_steps": bad_steps})
-                    _check_bad_step(update_no, row, bad_steps, s, progress)
-                else:
-                    result.train_loss = row["loss"]
-                    if update_no % s.log_every == 0 or update_no == total_updates:
-                        _log(logger, update_no, row)
-                result.history.append(row)
+            t_batch, pending, update_seconds = time.perf_counter(), [], 0.0
+            updates = objective.prepare(module, batches)
+            prepare_seconds = time.perf_counter() - t_batch
+            try:
+                for k, update in enumerate(updates):
+                    update_no = step * per_batch + k  # optimizer updates before this one
+                    lr = lr_at(update_no, total_updates, s.lr, warmup, s.schedule, s.min_lr_ratio)
+                    set_lr(optimizer, lr)
+                    t0 = time.perf_counter()
+                    row = _apply_update(module, objective, update, params, optimizer, autocast, s.max_grad_norm)
+                    seconds = time.perf_counter() - t0
+                    update_seconds += seconds
+                    row.update(lr=lr, tokens_per_s=row["tokens"] / max(seconds, 1e-9))
+                    seen_tokens += row["tokens"]
+                    update_no += 1
+                    if row["skipped"]:
+                        bad_steps += 1
+                        pending.append((update_no, {**row, "bad_steps": bad_steps}))
+                        _check_bad_step(update_no, row, bad_steps, s, progress)
+                    else:
+                        result.train_loss = row["loss"]
+                        if update_no % s.log_every == 0 or update_no == total_updates:
+                            pending.append((update_no, row))
+                    result.history.append(row)
+            finally:  # rows are logged once the batch is done, the first with where the batch's time went
+                _log_batch(logger, pending, time.perf_counter() - t_batch, prepare_seconds, update_seconds)
             step += 1  # a skipped update still consumed its data and its slot of the schedule: resume stays exact
             progress.update(row["raw_loss"], row["lr"], row["tokens_per_s"])
             if eval_data is not None and s.eval_every and step % s.eval_every == 0 and step < total:
@@ -242,6 +254,21 @@ def _scale_grads(params, factor: float) -> None:
 def _log(logger, step: int, row: dict) -> None:
     if logger is not None:
         logger.log(step, "train", {k: v for k, v in row.items() if not k.startswith("raw_")})
+
+
+def _log_batch(logger, pending: list, batch_seconds: float, prepare_seconds: float, update_seconds: float) -> None:
+    """Log one batch of data's rows; the first also gets the batch's wall time and the shares of it spent in
+    the method's `prepare` (online RL: rollouts, rewards, reference numbers), in generation alone (methods
+    that report `gen_seconds`) and in the optimizer updates (forward, backward, step)."""
+    if pending:
+        first = pending[0][1]
+        total = max(batch_seconds, 1e-9)
+        first.update({"time/batch_seconds": batch_seconds, "time/prepare_share": prepare_seconds / total,
+                      "time/update_share": update_seconds / total})
+        if first.get("gen_seconds") is not None:
+            first["time/generation_share"] = first["gen_seconds"] / total
+    for update_no, row in pending:
+        _log(logger, update_no, row)
 
 
 def _check_bad_step(step: int, row: dict, bad_steps: int, s, progress) -> None:
