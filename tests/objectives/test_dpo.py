@@ -115,3 +115,26 @@ def test_full_fine_tuning_precomputes_the_reference(tiny_model_dir, tmp_path):
     a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     b = load_file(str(resumed_dir / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nll_coef_adds_the_chosen_answers_mean_token_nll(tiny_model_dir, tmp_path):
+    """RPO: loss = DPO loss + nll_coef x (-log p(chosen) / chosen tokens), per pair, averaged over pairs; the
+    DPO terms and metrics are unchanged."""
+    from tuneforge.data.collate import collate
+    from tuneforge.models.heads import as_train_module
+    from tuneforge.objectives.functional import pair_index, sequence_logps
+    cfg = _config(tiny_model_dir, tmp_path)
+    model, tok = load_for_method("dpo", tiny_model_dir)
+    model = as_train_module(model)
+    batch = collate(prepare(cfg, tok).train[:4], tok.pad_token_id)
+    plain = make_objective(cfg)
+    cfg.dpo.nll_coef = 0.5
+    rpo = make_objective(cfg)
+    with torch.no_grad():
+        a, b = plain.loss(model, batch), rpo.loss(model, batch)
+        logps, counts = sequence_logps(model, batch)
+        chosen, _ = pair_index(batch)
+        nll = (-logps[chosen] / counts[chosen]).sum()
+    assert float(b.loss_sum) == pytest.approx(float(a.loss_sum) + 0.5 * float(nll), rel=1e-6)
+    assert b.metrics["nll/chosen"][0] == pytest.approx(float(nll), rel=1e-6)
+    assert b.metrics["rewards/margin"] == a.metrics["rewards/margin"]

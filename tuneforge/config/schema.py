@@ -144,6 +144,10 @@ class DPOSection(Section):
     """robust / cdpo: the assumed share of flipped preference labels."""
     simpo_gamma: float = Field(0.5, ge=0.0)
     """simpo: the target reward margin."""
+    nll_coef: float = Field(0.0, ge=0.0)
+    """Adds nll_coef x the chosen answer's mean token NLL to every pair's loss (RPO, Pang et al. 2024, eq. 1;
+    TRL's rpo_alpha): DPO alone can lower both answers' likelihoods as long as the margin grows, this keeps the
+    preferred answer likely, so generation moves too. 0: plain DPO. (orpo has its own NLL term.)"""
 
 
 _FUNCTION_NAME = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")

@@ -40,8 +40,8 @@ class DPOObjective(Objective):
     unit = "pairs"
 
     def __init__(self, variant: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, chunk_size: int = 1024):
-        self.variant, self.chunk_size = variant, chunk_size
+                 simpo_gamma: float = 0.5, chunk_size: int = 1024, nll_coef: float = 0.0):
+        self.variant, self.chunk_size, self.nll_coef = variant, chunk_size, nll_coef
         self.params = {"beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma}
         self.needs_reference = variant not in REFERENCE_FREE
         self._check_start = False
@@ -78,7 +78,12 @@ class DPOObjective(Objective):
             "logps/chosen": (float(logps[chosen].detach().sum()), pairs),
             "logps/rejected": (float(logps[rejected].detach().sum()), pairs),
         }
-        return LossOutput(terms.losses.sum(), pairs, metrics)
+        losses = terms.losses
+        if self.nll_coef:  # RPO (Pang et al. 2024): + alpha x the chosen answer's mean token NLL
+            nll = -logps[chosen] / counts[chosen].clamp(min=1.0)
+            losses = losses + self.nll_coef * nll
+            metrics["nll/chosen"] = (float(nll.detach().sum()), pairs)
+        return LossOutput(losses.sum(), pairs, metrics)
 
     def _check_reference(self, policy: torch.Tensor, ref: torch.Tensor) -> None:
         """At the start policy == reference; every pair's loss is then the variant's value at zero log-ratio
@@ -96,7 +101,7 @@ class DPOObjective(Objective):
 
 def make_dpo(cfg) -> DPOObjective:
     d = cfg.dpo
-    return DPOObjective(d.loss, d.beta, d.label_smoothing, d.simpo_gamma)
+    return DPOObjective(d.loss, d.beta, d.label_smoothing, d.simpo_gamma, nll_coef=d.nll_coef)
 
 
 class WithReference:
