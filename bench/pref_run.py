@@ -59,7 +59,11 @@ def child_tuneforge(spec: dict) -> dict:
         "data": {"train": spec["data"], "max_length": 512, "packing": spec["side"] == "tf-pack",
                  "cache_dir": str(work / "tokcache")},
         "lora": {"enabled": True, **LORA},
-        "train": {"output_dir": str(work / "run"), "micro_batch_size": BATCH, "grad_accum": 1, "epochs": 1,
+        # packed, a step is micro_batch_size rows of max_length tokens: one 512-token row holds about BATCH pairs
+        # with their prompt once (~66 tokens a pair on this data), so the packed side trains about as many pairs
+        # a step as the padded sides, and gets warm-up and timed steps like them
+        "train": {"output_dir": str(work / "run"), "micro_batch_size": 1 if spec["side"] == "tf-pack" else BATCH,
+                  "grad_accum": 1, "epochs": 1,
                   "autocast": "none", "tensorboard": False, "progress": False, "log_every": 1000000, "seed": 0},
         "eval": {"loss": False, "generate": False, "before": False},
     })
