@@ -251,10 +251,12 @@ def test_continuation_equals_prompt_and_answer_run_alone(model, monkeypatch):
         rows_, where = [b for b, _ in cols], [j for _, j in cols]
         out = model(input_ids=ids[rows_, where][None], use_cache=False).logits[0]  # positions 0.. by default
         new = ~seen[rows_, where]  # a shared prompt's logits count once (from its prompt + chosen run)
-        torch.testing.assert_close(packed[rows_, where][new], out[new].detach(), rtol=1e-5, atol=1e-5)
+        # float32 sums in another order (and thread split): one logit in 12k was seen 1.9e-5 off; a wrong mask
+        # is off by 1e-1
+        torch.testing.assert_close(packed[rows_, where][new], out[new].detach(), rtol=1e-4, atol=1e-4)
         total = total + (out[new] * weights[rows_, where][new]).sum()
         seen[rows_, where] = True
     assert bool(seen.all())
     total.backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-4)
