@@ -62,3 +62,17 @@ def count_batches(trainer) -> list[tuple[int, int]]:
 
     trainer.data_collator = counting
     return batches
+
+
+def trl_child_start(spec: dict, model_name: str):
+    """A TRL child's common start: torch threads as the spec says, datasets' progress bars off, seed 0, and the
+    model with its tokenizer in float32 as tuneforge loads it (the same weights on both sides)."""
+    import datasets
+    import torch
+
+    from tuneforge.models.load import load_causal_lm
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    datasets.disable_progress_bars()
+    torch.manual_seed(0)
+    return load_causal_lm(model_name, dtype="float32")

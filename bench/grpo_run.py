@@ -145,18 +145,14 @@ def child_tuneforge(spec: dict) -> dict:
 
 
 def child_trl(spec: dict) -> dict:
-    import torch
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
     import datasets
+    import torch
     import trl
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from tuneforge.models.load import load_causal_lm
-    datasets.disable_progress_bars()
-    torch.manual_seed(0)
-    model, tok = load_causal_lm(MODEL, dtype="float32")
+    from common import trl_child_start
+    model, tok = trl_child_start(spec, MODEL)
     if spec.get("order"):  # tuneforge's prompts, step by step, in its order
         rows = [{"prompt": r["prompt"], "reference": r["reference"]} for r in spec["order"]]
     else:

@@ -107,16 +107,10 @@ def _trl_trainer(spec: dict, tok, model, rows: list[dict]):
 
 
 def child_trl(spec: dict) -> dict:
-    import torch
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    import datasets
     import trl
 
-    from tuneforge.models.load import load_causal_lm
-    datasets.disable_progress_bars()
-    torch.manual_seed(0)
-    model, tok = load_causal_lm(MODEL, dtype="float32")
+    from common import trl_child_start
+    model, tok = trl_child_start(spec, MODEL)
     rows = [json.loads(line) for line in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
