@@ -59,7 +59,8 @@ WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"
 MODEL = "smollm2-135m-instruct"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-SIDES = {"tf": "tuneforge method grpo, defaults", "trl": "GRPOTrainer, GRPOConfig defaults (gradient ckpt on)",
+SIDES = {"tf": "tuneforge method grpo, defaults",
+         "tf-ckpt": "tuneforge method grpo, train.activation_checkpointing on", "trl": "GRPOTrainer, GRPOConfig defaults (gradient ckpt on)",
          "trl-nockpt": "GRPOTrainer, gradient_checkpointing=False"}
 
 
@@ -114,6 +115,7 @@ def child_tuneforge(spec: dict) -> dict:
                   "max_steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "schedule": "constant",
                   "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
                   "autocast": "bf16" if spec["dtype"] == "bf16" else "none",
+                  "activation_checkpointing": spec["side"] == "tf-ckpt",
                   "tensorboard": False, "progress": False, "log_every": 1, "seed": 0},
         "rl": {"reward_functions": ["tuneforge.rl.rewards:number_match"], "num_generations": spec["generations"],
                "max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "beta": spec["beta"],
@@ -141,7 +143,7 @@ def child_tuneforge(spec: dict) -> dict:
                       "update": end - clock.prepared[i], "reward": row["reward"],
                       "completion_length": row["completion_length"], "gen_tokens_per_s": row["gen_tokens_per_s"],
                       "kl": row.get("kl")})
-    return {**info, "steps": steps, "order": order, "gradient_checkpointing": False}
+    return {**info, "steps": steps, "order": order, "gradient_checkpointing": spec["side"] == "tf-ckpt"}
 
 
 def child_trl(spec: dict) -> dict:
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
         spec = {"side": side, "data": str(data), "workdir": str(work), "threads": args.threads, "dtype": dtype,
                 "prompts": args.prompts, "generations": args.generations, "max_new_tokens": args.max_new_tokens,
                 "lr": args.lr, "beta": args.beta, "loss_type": args.loss_type, "warmup": args.warmup,
-                "steps": args.steps, "order": order if side != "tf" else None}
+                "steps": args.steps, "order": order if side.startswith("trl") else None}
         print(f"[grpo-bench] {side} ({SIDES[side]}, {dtype}) ...", end=" ", flush=True)
         log = WORK / "logs" / f"grpo-{stamp}-{side}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -368,9 +370,9 @@ def main(argv=None) -> int:
         lines.append(f"- {prompt_parity(results['tf'], peer)}")
     lines += ["", fmt_table(rows), ""]
     for r in rows:
-        if r.get("steps_ratio") is not None and r["side"] == "tf":
+        if r.get("steps_ratio") is not None and r["side"].startswith("tf"):
             met = r["steps_ratio"] >= 2.0 and r["rss_ratio"] <= 1.0
-            lines.append(f"Target (>= 2x TRL's steps/h at <= its peak RSS): {r['steps_ratio']:.2f}x at "
+            lines.append(f"Target (>= 2x TRL's steps/h at <= its peak RSS), {r['side']}: {r['steps_ratio']:.2f}x at "
                          f"{r['rss_ratio']:.2f}x -> {'MET' if met else 'not met'}")
     lines += ["", "s/step: median over the timed steps of the time from a step's start to the next's; generation: "
               "sampling; scoring: rewards, old and reference log-probs, advantages; update: forward, backward, "

@@ -135,6 +135,9 @@ class Method:
     # (cfg, prepared data, tokenizer) -> (train rows, eval rows, collate, train settings), in place of run.batching
     # (online RL: the loop hands over prompt examples, not token batches)
     batching: Callable | None = None
+    # the saved result merges the adapter into the base (a reward model's classifier folder): the frozen base then
+    # stays in model.dtype (lora.frozen_dtype auto), so the merge adds the adapter to the weights as loaded
+    merges_base: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -143,7 +146,7 @@ METHODS: dict[str, Method] = {
     "dpo": Method("preference", _dpo_objective, _preference_generation_records, _save_causal_lm,
                   before_fit=_dpo_reference),
     "reward": Method("preference", _reward_objective, _no_generation_records, _save_reward_model,
-                     heads=_reward_heads, evaluate_saved=_evaluate_reward_model),
+                     heads=_reward_heads, evaluate_saved=_evaluate_reward_model, merges_base=True),
     "grpo": Method("prompt", _online_rl_objective("grpo"), _no_generation_records, _save_causal_lm,
                    batching=_prompt_batches),
     "rloo": Method("prompt", _online_rl_objective("rloo"), _no_generation_records, _save_causal_lm,

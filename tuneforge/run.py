@@ -128,7 +128,9 @@ def _task_eval(cfg, model, tokenizer, records, label: str):
     from tuneforge.eval.task import task_accuracy
     import time
     e, t0 = cfg.eval, time.perf_counter()
-    res = task_accuracy(model, tokenizer, records, e.max_new_tokens, e.batch_size, cfg.data.system_prompt, e.limit)
+    with make_autocast(cfg.train.autocast, next(model.parameters()).device)():  # as training computes
+        res = task_accuracy(model, tokenizer, records, e.max_new_tokens, e.batch_size, cfg.data.system_prompt,
+                            e.limit)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"[{label}] held-out task accuracy: exact {res['exact']:.1%}, lenient {res['lenient']:.1%} "
           f"(n={res['n']}, {res['seconds']} s)", flush=True)
@@ -166,6 +168,16 @@ def prepare(cfg: RunConfig, tokenizer, **kwargs):
         return prepare_data(cfg, tokenizer, method_of(cfg).builder, **kwargs)
 
 
+def frozen_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """lora.frozen_dtype resolved: the autocast dtype the frozen base's linear weights are stored in, or None to
+    keep them as loaded (no autocast, DoRA, a method that merges the base into its result, or `model`)."""
+    mode = resolve_autocast(cfg.train.autocast, device)
+    if (not cfg.lora.enabled or cfg.lora.frozen_dtype == "model" or mode == "none" or cfg.lora.use_dora
+            or method_of(cfg).merges_base):
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
 def _build_module(cfg: RunConfig, model) -> TrainModule:
     if cfg.lora.enabled:
         from tuneforge.adapters.lora import apply_lora
@@ -173,6 +185,10 @@ def _build_module(cfg: RunConfig, model) -> TrainModule:
         lo = cfg.lora
         model = apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
                            use_dora=lo.use_dora, use_rslora=lo.use_rslora)
+        frozen = frozen_dtype(cfg, next(model.parameters()).device)
+        if frozen is not None:
+            from tuneforge.adapters.lora import frozen_linears_to
+            frozen_linears_to(model, frozen)
     apply_speed_switches(cfg, model)
     heads = method_of(cfg).heads
     return TrainModule(model, heads(cfg, model) if heads else None)

@@ -102,3 +102,27 @@ def test_a_nan_reward_stops_the_run_naming_the_function(tiny_model_dir, tmp_path
     cfg = rl_config("grpo", tiny_model_dir, tmp_path, f"{reward_module}:not_a_number", max_steps=2)
     with pytest.raises(TuneforgeError, match="not_a_number"):
         train(cfg)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_prompt_once_equals_every_rollout_whole(method, tiny_model_dir, tmp_path, reward_module):
+    """Under tuneforge_varlen attention a group's prompt is computed once per packed row ([prompt + c1][c2]...,
+    the continuations attending to it); under sdpa every rollout is its own padded row. Same seeds, same samples:
+    the losses, gradient norms, rewards and KL of the updates agree to float32 precision (rloo with two epochs:
+    its old log-probs are computed on the shared rows and checked against the sampler's)."""
+    metrics = {}
+    for attention in ("tuneforge_varlen", "sdpa"):
+        cfg = rl_config(method, tiny_model_dir, tmp_path / attention, f"{reward_module}:letters", max_steps=2)
+        cfg.model.attn_implementation = attention
+        if method == "rloo":
+            cfg.rl.epochs = 2
+        train(cfg)
+        metrics[attention] = [r for r in read_metrics(tmp_path / attention / "run") if r["split"] == "train"]
+    shared, whole = metrics["tuneforge_varlen"], metrics["sdpa"]
+    assert len(shared) == len(whole) == 2 * cfg.rl.epochs
+    keys = ["loss", "grad_norm", "reward", "kl"]
+    for a, b in zip(shared, whole):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+        assert a["tokens"] < b["tokens"]  # the prompts computed once per group
+        assert a["logp_gap_max"] < 1e-4  # rloo: the sampler's log-probs against the shared rows' (grpo: skipped)

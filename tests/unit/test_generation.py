@@ -83,3 +83,49 @@ def test_generation_without_a_chat_template_says_what_to_set(tiny_tokenizer, tin
     tok.chat_template = None
     with pytest.raises(AuditError, match="data.chat_template"):
         generate(PromptRecorder(tiny_model_dir).model, tok, [[{"role": "user", "content": "Hi"}]])
+
+
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_alone(tiny_model_dir):
+    """Consecutive equal prompts (an RL group's samples) share one prefill, whose cache is copied to their rows;
+    each row still samples what it samples alone (its own seed), with the same log-probs."""
+    from tuneforge.eval.generation import sample_completions
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    p, q = [5, 17, 42, 99], [1, 2, 3]
+    prompts, seeds = [p, p, p, q, q, p], [11, 12, 13, 14, 15, 16]
+    prefill_rows = []
+    hook = model.model.register_forward_pre_hook(
+        lambda mod, args, kw: prefill_rows.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    together = sample_completions(model, prompts, 7, [], 0, temperature=1.0, seeds=seeds)
+    hook.remove()
+    assert prefill_rows == [torch.Size([3, 4])]  # p, q, p: three runs of equal prompts, prefilled once each
+    for r, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = sample_completions(model, [prompt], 7, [], 0, temperature=1.0, seeds=[seed])
+        assert alone.tokens[0] == together.tokens[r]
+        torch.testing.assert_close(alone.logps[0], together.logps[r], rtol=0, atol=1e-5)
+    assert len({tuple(t) for t in together.tokens[:3]}) > 1  # the copies of p sampled differently
+
+
+def test_lora_branches_decode_in_float32_under_cpu_autocast_and_are_restored(tiny_model_dir):
+    """Thin LoRA matmuls run in float32 while decoding under CPU autocast (faster there, and more exact): the
+    sampled log-probs then match a float32 LoRA branch, not a bf16 one; the layers' own forward is back after."""
+    from tuneforge.adapters.lora import apply_lora
+    from tuneforge.eval.generation import sample_completions, thin_lora_in_float32
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, alpha=8, dropout=0.0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.shape[0] == 4]  # lora_A
+    assert layers and all("forward" not in vars(m) for m in layers)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), thin_lora_in_float32(model, torch.device("cpu")):
+        assert all("forward" in vars(m) for m in layers)
+        x = torch.randn(3, layers[0].in_features)
+        seen.append(layers[0](x).dtype)
+    assert seen == [torch.float32]
+    assert all("forward" not in vars(m) for m in layers)  # restored
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample_completions(model, [[5, 17, 42, 99]], 5, [], 0, temperature=1.0, seeds=[3])
+    assert all("forward" not in vars(m) for m in layers) and len(out.tokens[0]) == 5

@@ -163,26 +163,32 @@ def _prompt_examples(prompts):
 
 def _recompute(module, rollouts, layout):
     """token_logps over the rollouts as training batches them: one sequence per row, or packed rows."""
-    examples = rollouts.examples()
+    examples = rollouts.examples(share_prompt=layout == "shared")
     if layout == "packed":
         rows = PackedExamples(examples, capacity=max(map(len, examples)) * 2)[:]
         assert any(len(r) > 1 for r in rows)  # several sequences share a row
         batch, order = collate_packed_sequences(rows, pad_id=0), [ex for row in rows for ex in row]
+    elif layout == "shared":  # online RL's layout: each group's prompt once, [prompt + c1][c2][c3]
+        assert all(len(ex.sequences) == 3 and ex.shared_prefix > 0 for ex in examples)
+        batch, order = collate_packed_sequences([examples], pad_id=0, share_prompt=True), examples
+        assert int(batch["num_real"]) == sum(ex.packed_length(True) for ex in examples) < sum(map(len, examples))
     else:
         batch, order = collate_sequences(examples, pad_id=0), examples
     with torch.no_grad():
         logps, seq = token_logps(module, batch, chunk_size=7, temperature=0.7)
-    assert torch.equal(seq, torch.repeat_interleave(torch.arange(len(order)),
-                                                    torch.tensor([len(rollouts.logps[e.texts["rollout"]])
-                                                                  for e in order])))
+    lengths = [len(rollouts.logps[i]) for e in order for i in e.texts["rollouts"]]
+    assert torch.equal(seq, torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
     return logps, sampled_logps(rollouts, order)
 
 
-@pytest.mark.parametrize("layout", ["rows", "packed"])
+@pytest.mark.parametrize("layout", ["rows", "packed", "shared"])
 def test_rollout_logps_equal_token_logps_recomputed_over_training_rows(tiny_model_dir, prompts, tiny_tokenizer,
                                                                      layout):
     """The same numbers from two paths (issue 11), for the LoRA policy and for the reference (adapter off)."""
     policy = _lora(tiny_model_dir)
+    if layout == "shared":  # continuations attending to their prompt: tuneforge_varlen only
+        from tuneforge.models.attention import register
+        policy.get_base_model().set_attn_implementation(register())
     module = TrainModule(policy)
     kw = dict(max_new_tokens=9, stop_ids=stop_token_ids(tiny_tokenizer), pad_id=tiny_tokenizer.pad_token_id,
               num_generations=3, temperature=0.7, top_p=0.9, batch_size=5)

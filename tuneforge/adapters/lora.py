@@ -54,6 +54,32 @@ def apply_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0.05,
         raise TuneforgeError(f"cannot apply LoRA: {e}") from e
 
 
+def frozen_linears_to(model, dtype) -> int:
+    """Store the frozen weights of the linear layers in `dtype` (the autocast compute dtype), in place; returns how
+    many tensors changed. Autocast casts a float32 weight to its compute dtype at every call (a copy of every
+    weight each forward, and each decoding step of a rollout); a frozen weight already held in that dtype gives
+    the same numbers with half the memory and no copy. Only frozen nn.Linear weights (the LoRA base layers):
+    embeddings, norms and anything that trains keep their dtype, so the residual stream stays float32, and a
+    head tied to the input embedding (SmolLM2's) is left alone. Only valid while every forward runs under
+    autocast (run.py makes sure), and not for DoRA (its magnitude uses the base weight's norm)."""
+    import torch
+    from torch import nn
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {embedding.weight.data_ptr()} if embedding is not None else set()
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not nn.Linear:  # PEFT's wrappers hold their frozen layer as an nn.Linear child
+                continue
+            for name in ("weight", "bias"):
+                p = getattr(module, name)
+                if p is None or p.requires_grad or p.dtype == dtype or p.data_ptr() in tied:
+                    continue
+                p.data = p.data.to(dtype)
+                changed += 1
+    return changed
+
+
 def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
     """Write the PEFT adapter folder (adapter_config.json + adapter_model.safetensors), atomically.
 

@@ -78,6 +78,11 @@ class LoraSection(Section):
     fused_dropout: bool = True
     """Train with dropout fused into each adapter's A projection (adapters/fused_dropout.py): same maths as
     PEFT's dropout, without its float32 copy of every adapted layer's input. False runs PEFT's own path."""
+    frozen_dtype: Literal["auto", "model"] = "auto"
+    """The dtype the frozen base's linear weights are stored in. auto: the autocast dtype when train.autocast
+    resolves to bf16/fp16 (autocast would cast them to it at every forward anyway: the same numbers, half the
+    memory, no copy per forward or per decoded token), unless the method merges the base into its saved result
+    (reward) or DoRA is on; model: model.dtype, as loaded."""
 
 
 class TrainSection(Section):

@@ -7,10 +7,12 @@ One decoding core, `sample_completions`, serves inference (`generate`: eval, cha
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tuneforge.data.chat import generation_prompt, with_system_prompt
 from tuneforge.errors import TuneforgeError
@@ -106,6 +108,38 @@ def eval_mode(model):
             m.training = mode
 
 
+def _float32_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight, layer.bias)
+
+
+@contextlib.contextmanager
+def thin_lora_in_float32(model, device: torch.device):
+    """While decoding under autocast on a CPU, the LoRA branches' thin matmuls (16 rows x 576 x r=16 for
+    SmolLM2) in float32, the adapter's own dtype: oneDNN's bf16 path takes 3-5x longer on such shapes than
+    float32 (2-core Xeon with AMX: 18 vs 5 us for x @ A.T, 27 vs 10 us for (x A.T) @ B.T), and the autocast
+    copies of A and B at every step go too. Float32 is the more exact of the two, so the sampled tokens' log-
+    probs stay within bf16 precision of the ones training recomputes. Restored on exit."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        yield
+        return
+    patched = []
+    for module in model.modules():
+        for name in ("lora_A", "lora_B"):
+            branch = getattr(module, name, None)
+            if not isinstance(branch, torch.nn.ModuleDict):
+                continue
+            for layer in branch.values():
+                if isinstance(layer, torch.nn.Linear) and layer.weight.dtype == torch.float32:
+                    layer.forward = functools.partial(_float32_linear, layer)  # an instance attribute
+                    patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
 def _parts(model):
     """The decoder body and the bias-free output head weight (TrainModule, DDP, PEFT or plain HF model)."""
     tm = train_module(as_train_module(model))
@@ -145,7 +179,8 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     """The one token-level generation core (eval, chat, rank and RL rollouts all run on it).
 
     Prompts are left-padded into one batch; the model's own forward fills a transformers DynamicCache with the
-    prompt, then decodes one token per step on top of it. Only the last position's hidden state reaches the
+    prompt (a prompt repeated in consecutive rows, as an RL group's samples are, once: its cache is copied to
+    its rows), then decodes one token per step on top of it. Only the last position's hidden state reaches the
     output head each step (a (B, V) tensor, never logits for the whole prompt). A row stops at any of
     `stop_ids` (kept as its last token) or after `max_new_tokens`; the loop exits once every row stopped.
 
@@ -163,15 +198,22 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
 
     body, weight = _parts(model)
     device = weight.device
+    if torch.is_autocast_enabled(device.type):  # the head in the compute dtype once, not a copy per token
+        weight = weight.to(torch.get_autocast_dtype(device.type))
     sampling = do_sample and temperature > 0
     scale = temperature if sampling else 1.0
-    ids, mask = left_pad(prompts, pad_id)
+    # a prompt repeated in consecutive rows (an RL group's samples) is prefilled once; its cache is then copied
+    firsts, expand = [], []  # the rows that start a run of equal prompts; each row's run
+    for r, prompt in enumerate(prompts):
+        if r == 0 or prompt != prompts[r - 1]:
+            firsts.append(r)
+        expand.append(len(firsts) - 1)
+    expand = torch.tensor(expand, dtype=torch.long, device=device)
+    ids, mask = left_pad([prompts[r] for r in firsts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # left padding: each prompt's first real token is position 0
-    if bool(mask.all()):
-        mask = None  # no padding: causal attention needs no mask (as transformers' generate does)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    rows = ids.shape[0]
+    rows = len(prompts)
     if sampling and seeds is not None:
         if len(seeds) != rows:
             raise TuneforgeError(f"sample_completions: {len(seeds)} seeds for {rows} prompt rows")
@@ -182,10 +224,15 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps_tok, steps_logp, steps_live = [], [], []
     cache = DynamicCache(config=unwrap(model).config)
-    with eval_mode(model):
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                      use_cache=True).last_hidden_state[:, -1]  # (B, H)
+    with eval_mode(model), thin_lora_in_float32(model, device):
+        hidden = body(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
+                      cache=cache, use_cache=True).last_hidden_state[:, -1]  # (distinct prompts, H)
+        if len(firsts) < rows:
+            cache.batch_select_indices(expand)
+            hidden, mask, positions = hidden[expand], mask[expand], positions[expand]  # (B, ...)
         position = positions[:, -1]
+        if bool(mask.all()):
+            mask = None  # no padding: causal attention needs no mask (as transformers' generate does)
         for step in range(max_new_tokens):
             logits = head_logits(hidden / scale if scale != 1.0 else hidden, weight)  # (B, V) float32
             logp_all = torch.log_softmax(logits, dim=-1)

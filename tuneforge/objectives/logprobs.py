@@ -28,8 +28,11 @@ def _chunks(n: int, size: int):
 def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits of the positions in h (n, H) for a bias-free head weight (V, H): the one projection every path
     uses (loss, log-probs, generation), so their numbers agree."""
-    # Matmul in the compute dtype (bf16 under autocast), softmax statistics in float32 for stability.
-    return (h @ weight.to(h.dtype).T).float()  # (n, V)
+    # Matmul in the compute dtype (bf16 under autocast, which casts both sides: a weight already cast by the
+    # caller is used as it is), softmax statistics in float32 for stability.
+    if not torch.is_autocast_enabled(h.device.type):
+        weight = weight.to(h.dtype)
+    return (h @ weight.T).float()  # (n, V)
 
 
 def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:

@@ -141,10 +141,12 @@ class OnlineRL(Objective):
 
     def _sample(self, tm, prompts: list, seeds=None, greedy: bool = False):
         from tuneforge.rl.rollout import rollout
-        return rollout(tm, prompts, max_new_tokens=self.r.max_new_tokens, stop_ids=self.stop_ids,
-                       pad_id=self.pad_id, num_generations=1 if greedy else self.group,
-                       temperature=self.r.temperature, top_p=self.r.top_p, seeds=seeds,
-                       batch_size=self.r.rollout_batch_size, greedy=greedy)
+        from tuneforge.train.loop import make_autocast
+        with make_autocast(self.autocast_mode, next(tm.parameters()).device)():  # decode as training computes
+            return rollout(tm, prompts, max_new_tokens=self.r.max_new_tokens, stop_ids=self.stop_ids,
+                           pad_id=self.pad_id, num_generations=1 if greedy else self.group,
+                           temperature=self.r.temperature, top_p=self.r.top_p, seeds=seeds,
+                           batch_size=self.r.rollout_batch_size, greedy=greedy)
 
     def _score(self, rollouts):
         texts = rollouts.completion_texts(self.tokenizer)
@@ -158,7 +160,7 @@ class OnlineRL(Objective):
         # one packed row: varlen attention isolates the sequences; every model family tuneforge trains on
         # packs that way (run.packing_on), others pad
         if self.packed:
-            batch = collate_packed_sequences([examples], self.pad_id)
+            batch = collate_packed_sequences([examples], self.pad_id, share_prompt=True)
         else:
             from tuneforge.data.collate import collate_sequences
             batch = collate_sequences(examples, self.pad_id)
@@ -204,12 +206,14 @@ class OnlineRL(Objective):
         gen_seconds = time.perf_counter() - t0
         scored, texts, prompt_texts = self._score(rollouts)
         scores = scored.total.to(device)  # (S,)
-        examples = rollouts.examples()
+        # under varlen attention a group's prompt is computed once per row: [prompt + c1][c2]...[cG]
+        examples = rollouts.examples(share_prompt=self.packed)
+        per_example = self.group if self.packed else 1
         t1 = time.perf_counter()
         batches, at = [], 0
         for b, n in zip(micro_batches, per_mb):
             k = n * self.group
-            chunk = examples[at:at + k]
+            chunk = examples[at // per_example:(at + k) // per_example]
             batch = self._collate(chunk, device)
             batch.update(self._token_numbers(tm, batch, autocast))
             batch["sampled_logps"] = sampled_logps(rollouts, chunk).to(device)  # the sampler's own numbers

@@ -75,13 +75,25 @@ class Rollouts:
         """Decoded completions, special tokens cut (what reward functions score)."""
         return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.completion_ids]
 
-    def examples(self) -> list[Example]:
-        """One training Example per rollout: the sequence prompt + completion, loss mask 1 on the completion
-        (its stop token included: found by position, so a pad id equal to it changes nothing). `texts` keeps
-        the prompt's texts plus "rollout", the rollout's index (see `sampled_logps`)."""
-        return [Example([TokenizedExample(p + c, [0] * len(p) + [1] * len(c))], [0], ROLE_NAMES,
-                        {**t, "rollout": i})
-                for i, (p, c, t) in enumerate(zip(self.prompt_ids, self.completion_ids, self.texts))]
+    def examples(self, share_prompt: bool = False) -> list[Example]:
+        """Training Examples: each rollout a sequence prompt + completion, loss mask 1 on the completion (its
+        stop token included: found by position, so a pad id equal to it changes nothing). One Example per
+        rollout, or with `share_prompt` one per prompt holding its consecutive rollouts (a GRPO group) with the
+        prompt as `shared_prefix`, so that a packed row under tuneforge_varlen attention computes the prompt
+        once: [prompt + c1][c2]...[cG] (data/packing.py), the sequences in rollout order either way. `texts`
+        keeps the prompt's texts plus "rollouts", the indices of the Example's rollouts (see `sampled_logps`)."""
+        out: list[Example] = []
+        for i, (p, c, t) in enumerate(zip(self.prompt_ids, self.completion_ids, self.texts)):
+            seq = TokenizedExample(p + c, [0] * len(p) + [1] * len(c))
+            last = out[-1] if out else None
+            if share_prompt and last is not None and self.group[i] == self.group[i - 1]:
+                last.sequences.append(seq)
+                last.roles.append(0)
+                last.texts["rollouts"].append(i)
+                continue
+            out.append(Example([seq], [0], ROLE_NAMES, {**t, "rollouts": [i]},
+                               shared_prefix=len(p) if share_prompt else 0))
+        return out
 
 
 def rollout(module, prompts: list[Example], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
@@ -125,4 +137,4 @@ def sampled_logps(rollouts: Rollouts, examples: list[Example]) -> torch.Tensor:
     """The sampler's log-probs for a batch built from `examples` (rollout examples, in the order the batch holds
     them: for packed rows, row by row), flattened in the order `token_logps` returns its (N,) log-probs: sequence
     by sequence, each sequence's completion tokens in order."""
-    return torch.cat([rollouts.logps[ex.texts["rollout"]] for ex in examples])
+    return torch.cat([rollouts.logps[i] for ex in examples for i in ex.texts["rollouts"]])
