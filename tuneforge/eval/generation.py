@@ -109,8 +109,12 @@ def eval_mode(model):
 
 
 def _float32_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # the flag flipped directly: a torch.autocast context per call costs more than this matmul
+    torch.set_autocast_enabled("cpu", False)
+    try:
         return F.linear(x.float(), layer.weight, layer.bias)
+    finally:
+        torch.set_autocast_enabled("cpu", True)
 
 
 @contextlib.contextmanager
