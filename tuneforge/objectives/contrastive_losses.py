@@ -61,6 +61,8 @@ def _positive_index(positive_index, batch: int, device: torch.device | str) -> t
     if idx.dim() != 1 or idx.shape[0] != batch:
         raise ValueError(f"contrastive loss: positive_index has shape {tuple(idx.shape)}, expected (B,) = ({batch},) "
                          "(one positive column per anchor)")
+    if idx.numel() == 0:
+        idx = idx.long()  # torch.as_tensor([]) is float
     if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
         raise ValueError(f"contrastive loss: positive_index must hold integers, got dtype {idx.dtype}")
     idx = idx.long()
@@ -168,8 +170,9 @@ def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positive_index: to
 
     anchors (B, D), candidates (C, D), C >= B, positive_index (B,) in [0, B); mask (B, C) bool or None.
     `score_margin` (GISTEmbed, Solatorio 2024, "GISTEmbed: Guided In-sample Selection of Training Negatives for
-    Text Embedding Fine-tuning", with the absolute margin of sentence-transformers' GISTEmbedLoss): also mask, per anchor, every candidate whose
-    similarity is above the positive's minus the margin, s[b, c] > s[b, p_b] - score_margin. Here the guide is the
+    Text Embedding Fine-tuning", with the absolute margin of sentence-transformers' GISTEmbedLoss): also mask, per
+    anchor, every candidate whose similarity is above the positive's minus the margin, s[b, c] > s[b, p_b] -
+    score_margin. Here the guide is the
     model itself (its detached similarities, before temperature); a margin of 0 drops the negatives that already
     outscore the positive, a positive margin also those within `score_margin` below it, a negative one only those
     more than |score_margin| above it. In the symmetric direction the same rule holds per document row, against that
