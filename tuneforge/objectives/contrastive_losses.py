@@ -174,8 +174,9 @@ def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positive_index: to
     anchor, every candidate whose similarity is above the positive's minus the margin, s[b, c] > s[b, p_b] -
     score_margin. Here the guide is the model itself (its detached similarities, before temperature); a margin of 0
     drops the negatives that already outscore the positive, a positive margin also those within `score_margin` below
-    it, a negative one only those more than |score_margin| above it. In the symmetric direction the same rule holds per document row, against that
-    row's positive pair. None (default) is off; to filter with a separate guide model, pass its verdict as `mask`.
+    it, a negative one only those more than |score_margin| above it. In the symmetric direction the same rule holds
+    per document row, against that row's positive pair. None (default) is off; to filter with a separate guide
+    model, pass its verdict as `mask`.
     Raises ValueError on bad shapes or dtypes, positive_index out of range (or repeated, when symmetric), C < B, a
     temperature that is not finite and > 0, or a non-finite score_margin.
     """
