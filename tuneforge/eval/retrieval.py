@@ -31,7 +31,8 @@ CUTOFF = 10  # the rank cut-off of mrr@10 and ndcg@10
 
 # -- ranking ---------------------------------------------------------------------------------------------------
 
-def _check_embeddings(queries: torch.Tensor, corpus: torch.Tensor, what: str = "similarity_ranking") -> None:
+def check_embeddings(queries: torch.Tensor, corpus: torch.Tensor, what: str = "similarity_ranking") -> None:
+    """ValueError unless both are non-empty finite float (rows, D) tensors of the same D (`what` names the caller)."""
     for name, t in (("queries", queries), ("corpus", corpus)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -71,7 +72,7 @@ def similarity_ranking(queries: torch.Tensor, corpus: torch.Tensor, k: int,
 
     Queries are scored `chunk` at a time, so memory is O(chunk x N) whatever Q is. Raises ValueError for
     non-2-D, empty, non-finite or mismatched embeddings, k outside 1..N, or chunk < 1."""
-    _check_embeddings(queries, corpus)
+    check_embeddings(queries, corpus)
     n = corpus.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"similarity_ranking: k must be an int in 1..{n} (the corpus size), got {k!r}")
@@ -157,7 +158,7 @@ def evaluate_retrieval(query_embeddings: torch.Tensor, corpus_embeddings: torch.
     whole and padded with "no document", so recall@10 of a 6-document corpus counts all 6. Raises ValueError as
     the two functions do, and for a relevant index outside the corpus."""
     ks = _check_ks(ks)
-    _check_embeddings(query_embeddings, corpus_embeddings, "evaluate_retrieval")
+    check_embeddings(query_embeddings, corpus_embeddings, "evaluate_retrieval")
     q, n = query_embeddings.shape[0], corpus_embeddings.shape[0]
     for i, rel in enumerate(relevant):
         outside = [d for d in rel if isinstance(d, int) and d >= n]
