@@ -119,6 +119,35 @@ def _evaluate_reward_model(cfg, data, model_dir: str) -> dict:
     return held_out_pairs(load_scorer(model_dir), data.eval, cfg.train.micro_batch_size)
 
 
+def _contrastive_objective(cfg, tokenizer=None):
+    from tuneforge.objectives.contrastive import make_contrastive
+    return make_contrastive(cfg)
+
+
+def _temperature_heads(cfg, model):
+    from tuneforge.objectives.contrastive import temperature_heads
+    return temperature_heads(cfg, model)
+
+
+def _load_embedder(cfg, device):
+    from tuneforge.models.embedder import load_embedder
+    return load_embedder(cfg, device)
+
+
+def _save_embedder(cfg, module, tokenizer, folder: Path) -> None:
+    from tuneforge.models.embedder import save_embedder
+    save_embedder(cfg, module, tokenizer, folder)
+
+
+def _pair_batches(cfg, data, tokenizer):
+    """Contrastive: padded batches of pair examples, one sequence a row, with the pair texts (false negatives
+    are found by text); the step's micro-batches together are the negative pool (objectives/contrastive.py)."""
+    from tuneforge.data.collate import collate_sequences
+    pad = tokenizer.pad_token_id
+    keep = lambda examples: {**collate_sequences(examples, pad), "texts": [ex.texts for ex in examples]}  # noqa: E731
+    return data.train, data.eval, keep, cfg.train
+
+
 @dataclass(frozen=True)
 class Method:
     builder: str  # data builder name
@@ -138,6 +167,9 @@ class Method:
     # the saved result merges the adapter into the base (a reward model's classifier folder): the frozen base then
     # stays in model.dtype (lora.frozen_dtype auto), so the merge adds the adapter to the weights as loaded
     merges_base: bool = False
+    # (cfg, device) -> (model, tokenizer) in place of the causal LM (an embedder: the bare AutoModel body)
+    load: Callable | None = None
+    lora_task_type: str = "CAUSAL_LM"  # PEFT's task type, recorded in the adapter's config
 
 
 METHODS: dict[str, Method] = {
@@ -153,6 +185,9 @@ METHODS: dict[str, Method] = {
                    batching=_prompt_batches),
     "ppo": Method("prompt", _online_rl_objective("ppo"), _no_generation_records, _save_causal_lm,
                   heads=_value_head, batching=_prompt_batches),
+    "contrastive": Method("pair", _contrastive_objective, _no_generation_records, _save_embedder,
+                          heads=_temperature_heads, batching=_pair_batches, merges_base=True, load=_load_embedder,
+                          lora_task_type="FEATURE_EXTRACTION"),
 }
 
 

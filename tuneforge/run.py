@@ -44,6 +44,12 @@ def say(text: str) -> None:
 
 
 def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None):
+    """The config's model as its method trains it (a causal LM; an embedder's bare body) and its tokenizer."""
+    if method_of(cfg).load is not None:
+        model, tokenizer = method_of(cfg).load(cfg, device)
+        if cfg.data.chat_template:
+            tokenizer.chat_template = cfg.data.chat_template
+        return model, tokenizer
     from tuneforge.models.load import load_causal_lm
     model, tokenizer = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype,
                                       trust_remote_code=cfg.model.trust_remote_code,
@@ -184,7 +190,8 @@ def _build_module(cfg: RunConfig, model) -> TrainModule:
         torch.manual_seed(cfg.train.seed)  # LoRA A init: same seed, same adapter start, with or without eval
         lo = cfg.lora
         model = apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
-                           use_dora=lo.use_dora, use_rslora=lo.use_rslora)
+                           use_dora=lo.use_dora, use_rslora=lo.use_rslora,
+                           task_type=method_of(cfg).lora_task_type)
         frozen = frozen_dtype(cfg, next(model.parameters()).device)
         if frozen is not None:
             from tuneforge.adapters.lora import frozen_linears_to

@@ -54,6 +54,20 @@ def write_preference_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
+def write_pair_data(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """Contrastive pairs: a question about two numbers and the sentence that answers it, some with a hard negative
+    (the same numbers, the wrong sum) and, now and then, a repeated positive text (an in-batch false negative)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            row = {"anchor": f"What is {a} plus {b}? ({i})", "positive": f"{a} plus {b} makes {a + b}."}
+            if rng.random() < 0.5:
+                row["negatives"] = [f"{a} plus {b} makes {a + b + rng.choice([-2, -1, 1, 2])}."]
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def write_prompt_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     """Prompts with a checkable reference answer (online RL)."""
     rng = random.Random(seed)
@@ -90,6 +104,7 @@ DATA_WRITERS = {
     "chat": lambda folder: write_chat_data(folder / "chat.jsonl"),
     "text_blocks": lambda folder: write_text_data(folder / "docs"),
     "preference": lambda folder: write_preference_data(folder / "prefs.jsonl"),
+    "pair": lambda folder: write_pair_data(folder / "pairs.jsonl"),
 }
 
 
@@ -107,7 +122,7 @@ METHOD_SETUP = {"dpo": {"lora": True}, "grpo": {"rl": _RL_SETUP}, "rloo": {"rl":
 
 def token_batch_methods() -> list[str]:
     """Methods whose batches come from the data as it is (every method but online RL, whose objective samples
-    its own training batches from the policy): the loss-level invariants (one update's gradients, packing)
+    its own training batches from the policy, and contrastive, whose batches carry the pair texts): the loss-level invariants (one update's gradients, packing)
     drive their objective directly on collated data. The run-level invariants (gradient accumulation through
     fit, resume, 2 ranks) take every method: `all_methods`."""
     from tuneforge.methods import METHODS
@@ -122,7 +137,7 @@ def all_methods() -> list[str]:
 def online_rl_methods() -> list[str]:
     """Methods whose objective samples its own training batches (the loop hands it prompts)."""
     from tuneforge.methods import METHODS
-    return sorted(m for m, entry in METHODS.items() if entry.batching is not None)
+    return sorted(m for m, entry in METHODS.items() if entry.builder == "prompt")
 
 
 def load_for_method(method: str, model_dir, attn_implementation: str | None = None):

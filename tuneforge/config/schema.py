@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["clm", "sft", "dpo", "reward", "grpo", "rloo", "ppo"]  # later: contrastive
+Method = Literal["clm", "sft", "dpo", "reward", "grpo", "rloo", "ppo", "contrastive"]
 
 
 class Section(BaseModel):
@@ -259,14 +259,16 @@ class RewardSection(Section):
 class ContrastiveSection(Section):
     """Embedding models (method contrastive): read only by that method."""
     pooling: Literal["mean", "cls", "last"] = "mean"
+    """How token states become one vector: mean of the real tokens, the first token, or the last real token
+    (decoder LLMs)."""
     normalize: bool = True
+    """L2-normalise the embeddings: similarity is then the cosine."""
     temperature: float = Field(0.05, gt=0)
+    """Temperature of the similarity logits (0.05: sentence-transformers' scale 20); the start value when learned."""
     learn_temperature: bool = False
+    """Learn the temperature (a log-scale parameter, its scale capped at 100 as in CLIP)."""
     symmetric: bool = False
-    query_prefix: str = ""
-    document_prefix: str = ""
-    mini_batch_size: int | None = Field(None, gt=0)
-    """Cached mini-batches (GradCache): negatives from the whole batch, the memory of this many examples."""
+    """Add the document -> query direction to the loss (each anchor's loss the mean of both)."""
 
 
 class RankSection(Section):
@@ -297,11 +299,14 @@ METHOD_DEFAULTS = {
     "grpo": (1e-6, 1e-5, "sequences"),
     "rloo": (1e-6, 1e-5, "sequences"),
     "ppo": (1e-6, 1e-5, "sequences"),
+    # contrastive: sentence-transformers' usual 2e-5 for a full encoder; LoRA ten times more
+    "contrastive": (2e-5, 2e-4, "pairs"),
 }
 
 
 # The data kind a method reads when data.kind is auto (others detect it record by record).
-DEFAULT_DATA_KIND = {"clm": "text", "dpo": "preference", "grpo": "prompt", "rloo": "prompt", "ppo": "prompt"}
+DEFAULT_DATA_KIND = {"clm": "text", "contrastive": "pair", "dpo": "preference", "grpo": "prompt", "rloo": "prompt",
+                     "ppo": "prompt"}
 
 
 class RunConfig(Section):

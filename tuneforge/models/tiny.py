@@ -79,3 +79,19 @@ def make_tiny_model_dir(path: str, seed: int = 0, hidden_size: int = 32) -> str:
     model = make_tiny_llama(tok, hidden_size=hidden_size, seed=seed)
     model.save_pretrained(path)
     return path
+
+
+def make_tiny_bert_dir(path: str, seed: int = 0, hidden_size: int = 32, dropout: float = 0.1) -> str:
+    """Write a tiny random BERT encoder (AutoModel: BertModel) + the tiny tokenizer as an HF folder, for the
+    encoder path of embedding models; dropout on, as in all-MiniLM-L6-v2, so cached passes must replay it."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = make_tiny_tokenizer(save_dir=path)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path)
+    return path

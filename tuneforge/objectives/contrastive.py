@@ -1,0 +1,223 @@
+"""Contrastive learning of embeddings (method contrastive): InfoNCE over pairs with in-batch and hard negatives.
+
+A batch of pair examples holds, example by example, an anchor, its positive and its hard negatives (role ids
+from the pair builder: anchor 0, positive 1, negative 2). Every sequence is embedded (models/embedder.py: pooled,
+optionally normalised); the candidates of the batch are all positives, then all hard negatives, so each anchor's
+negatives are the other anchors' positives and every hard negative of the batch. The maths is
+contrastive_losses.py `info_nce`; candidates whose text equals an anchor's positive (or the anchor) are false
+negatives, masked in the loss itself (`false_negative_mask`), so no duplicate-free sampler is needed.
+
+The negative pool is the whole update: train.micro_batch_size x train.grad_accum pairs (this rank's share under
+torchrun). With one micro-batch the loss is computed directly. With several, cached mini-batching (GradCache,
+Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): `begin_update` embeds
+every micro-batch without gradients, computes the loss of the whole update and its gradient with respect to the
+embeddings; then `loss` re-embeds each micro-batch with gradients under the same random state (dropout masks
+identical in both passes) and back-propagates the surrogate sum(embedding * cached gradient), whose gradient with
+respect to the weights is that of the full-update loss. Memory is that of one micro-batch; gradients equal one
+full-batch pass (tests/objectives/test_contrastive.py).
+
+Held-out evaluation adds retrieval over the held-out pairs (eval/retrieval.py): each anchor a query, the
+held-out positives (deduplicated) the corpus: recall@1/5/10, MRR@10, nDCG@10.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.eval.retrieval import corpus_from_pairs, evaluate_retrieval
+from tuneforge.models.embedder import embed
+from tuneforge.train import distributed as dist
+from tuneforge.objectives.base import LossOutput, Objective
+from tuneforge.objectives.contrastive_losses import LearnedTemperature, false_negative_mask, info_nce
+
+ANCHOR, POSITIVE, NEGATIVE = 0, 1, 2  # role ids: the pair builder's role order
+TEMPERATURE_HEAD = "temperature"
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _replay(state: tuple, device: torch.device):
+    """Run with the random state `state` (as `_rng_state` took it), then restore the state from before."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+class _Parts:
+    """One micro-batch's embeddings by role, the texts the false-negative mask compares, the temperature."""
+
+    def __init__(self, batch: dict, vectors: torch.Tensor, temperature):
+        role = batch["sequence_role"]
+        if not bool((role == ANCHOR).any()) or int((role == ANCHOR).sum()) != int((role == POSITIVE).sum()):
+            raise TuneforgeError("method contrastive needs pair data: one anchor and one positive per example "
+                                 "(records with anchor, positive, optional negatives)")
+        self.anchors = vectors[role == ANCHOR]  # (B, H)
+        self.positives = vectors[role == POSITIVE]  # (B, H)
+        self.negatives = vectors[role == NEGATIVE]  # (N, H)
+        self.temperature = temperature  # a float, or a 0-dim tensor (learned)
+        texts = batch["texts"]
+        self.texts = ([t["anchor"] for t in texts], [t["positive"] for t in texts],
+                      [n for t in texts for n in t["negatives"]])
+
+    def sizes(self) -> tuple[int, int, int]:
+        return self.anchors.shape[0], self.positives.shape[0], self.negatives.shape[0]
+
+    def detached(self) -> tuple:
+        """(anchors, positives, negatives) on the CPU without gradients, and the texts: what ranks exchange."""
+        return tuple(t.detach().cpu() for t in (self.anchors, self.positives, self.negatives)) + (self.texts,)
+
+
+class ContrastiveObjective(Objective):
+    unit = "pairs"
+
+    def __init__(self, pooling: str = "mean", normalize: bool = True, temperature: float = 0.05,
+                 symmetric: bool = False, learn_temperature: bool = False):
+        self.pooling, self.normalize, self.symmetric = pooling, normalize, symmetric
+        self.temperature, self.learn_temperature = temperature, learn_temperature
+        self._cache: dict[int, tuple] = {}
+
+    def _learned(self, tm):
+        if TEMPERATURE_HEAD not in tm.heads:
+            raise TuneforgeError("contrastive.learn_temperature needs the temperature head (the method's `heads` "
+                                 "entry builds it); this model has none")
+        return tm.heads[TEMPERATURE_HEAD]()
+
+    def _parts(self, module, batch: dict) -> _Parts:
+        if not self.learn_temperature:
+            return _Parts(batch, embed(module, batch, self.pooling, self.normalize), self.temperature)
+        vectors, temperature = embed(module, batch, self.pooling, self.normalize, extra=self._learned)
+        return _Parts(batch, vectors, temperature)
+
+    def _terms(self, anchors, positives, negatives, texts, temperature):
+        candidates = torch.cat([positives, negatives])  # (B + N, H): positives first, then hard negatives
+        index = list(range(anchors.shape[0]))
+        mask = false_negative_mask(texts[0], texts[1] + texts[2], index)
+        return info_nce(anchors, candidates, index, temperature, mask=mask, symmetric=self.symmetric)
+
+    @staticmethod
+    def _metrics(terms) -> dict:
+        n = float(terms.losses.numel())
+        hardest = terms.hardest_negative_similarity
+        finite = torch.isfinite(hardest)
+        return {"accuracy": (float(terms.accuracy.sum()), n),
+                "positive_similarity": (float(terms.positive_similarity.sum()), n),
+                "hardest_negative_similarity": (float(hardest[finite].sum()), float(finite.sum()))}
+
+    def begin_update(self, module, micro_batches: list[dict], autocast) -> None:
+        """The cached pass (module docstring) when the update has several micro-batches or ranks; else nothing.
+
+        Under torchrun the ranks exchange their (detached) embeddings and texts, so that every rank computes the
+        loss of the whole global batch: the negative pool, and the result, are those of one rank."""
+        self._cache = {}
+        world = dist.world_size()
+        if len(micro_batches) < 2 and world == 1:
+            return
+        device = micro_batches[0]["input_ids"].device
+        states, parts = [], []
+        for batch in micro_batches:
+            states.append(_rng_state(device))
+            with torch.no_grad(), autocast():
+                parts.append(self._parts(module, batch))
+        real = [p for p, b in zip(parts, micro_batches) if b.get("is_real", True)]  # padding adds no pairs
+        local = [p.detached() for p in real]
+        shares = dist.gather_objects(local) if world > 1 else [local]  # rank order
+        everything = [piece for share in shares for piece in share]
+        leaves = [torch.cat([piece[k] for piece in everything]).to(device).requires_grad_() for k in range(3)]
+        texts = tuple(sum((piece[3][k] for piece in everything), []) for k in range(3))
+        temperature = parts[0].temperature
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.detach().requires_grad_()
+        terms = self._terms(*leaves, texts, temperature)
+        terms.losses.sum().backward()  # gradients w.r.t. the embeddings and the temperature, not the weights
+        # every rank holds the same temperature gradient of the global loss: each of the update's forwards adds
+        # its share, so that the sum over micro-batches and ranks (DDP averages, the loop multiplies by ranks) is one
+        t_grad = temperature.grad / (len(micro_batches) * world) if isinstance(temperature, torch.Tensor) else None
+        offsets = [sum(piece[k].shape[0] for share in shares[:dist.rank()] for piece in share) for k in range(3)]
+        for batch, state, p in zip(micro_batches, states, parts):
+            if not batch.get("is_real", True):
+                zeros = [torch.zeros_like(t) for t in (p.anchors, p.positives, p.negatives)]
+                self._cache[id(batch)] = (state, zeros, t_grad, 0.0, {})
+                continue
+            sizes = p.sizes()
+            pieces = [leaf.grad[o:o + n] for leaf, o, n in zip(leaves, offsets, sizes)]
+            a0, b = offsets[0], sizes[0]
+            sliced = type(terms)(*(t.detach()[a0:a0 + b] for t in (terms.losses, terms.accuracy,
+                                                                    terms.positive_similarity,
+                                                                    terms.hardest_negative_similarity)))
+            value = float(sliced.losses.sum())
+            self._cache[id(batch)] = (state, pieces, t_grad, value, self._metrics(sliced))
+            offsets = [o + n for o, n in zip(offsets, sizes)]
+
+    def loss(self, module, batch: dict) -> LossOutput:
+        cached = self._cache.pop(id(batch), None)
+        if cached is None:
+            p = self._parts(module, batch)
+            terms = self._terms(p.anchors, p.positives, p.negatives, p.texts, p.temperature)
+            return LossOutput(terms.losses.sum(), float(terms.losses.numel()), self._metrics(terms))
+        state, (g_anchor, g_positive, g_negative), t_grad, value, metrics = cached
+        with _replay(state, batch["input_ids"].device):  # the dropout masks of the cached pass
+            p = self._parts(module, batch)
+        surrogate = ((p.anchors * g_anchor).sum() + (p.positives * g_positive).sum()
+                     + (p.negatives * g_negative).sum())
+        if t_grad is not None:
+            surrogate = surrogate + p.temperature * t_grad
+        count = float(p.anchors.shape[0]) if batch.get("is_real", True) else 0.0
+        if not metrics:  # a padding micro-batch: the same metric names, counted as nothing
+            metrics = {k: (0.0, 0.0) for k in ("accuracy", "positive_similarity", "hardest_negative_similarity")}
+        return LossOutput(surrogate, count, metrics, value=value)
+
+    @torch.no_grad()
+    def evaluate(self, module, batches, autocast) -> dict:
+        """Held-out loss (in-batch negatives of each evaluation batch) and retrieval over all held-out pairs."""
+        totals = {"loss": [0.0, 0.0]}
+        anchors, positives, anchor_texts, positive_texts = [], [], [], []
+        for batch in batches:
+            with autocast():
+                p = self._parts(module, batch)
+                terms = self._terms(p.anchors, p.positives, p.negatives, p.texts, p.temperature)
+            totals["loss"][0] += float(terms.losses.sum())
+            totals["loss"][1] += float(terms.losses.numel())
+            for k, (s, c) in self._metrics(terms).items():
+                acc = totals.setdefault(k, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + s, acc[1] + c
+            anchors.append(p.anchors.float())
+            positives.append(p.positives.float())
+            anchor_texts += p.texts[0]
+            positive_texts += p.texts[1]
+        out = {k: tuple(v) for k, v in totals.items()}
+        if anchor_texts:
+            out.update(retrieval_sums(torch.cat(anchors), torch.cat(positives), anchor_texts, positive_texts))
+        return out
+
+
+def retrieval_sums(anchors: torch.Tensor, positives: torch.Tensor, anchor_texts: list[str],
+                   positive_texts: list[str]) -> dict:
+    """Retrieval metrics of anchors (Q, H) against the deduplicated positives, as (value x Q, Q) pairs."""
+    corpus_texts, relevant = corpus_from_pairs(anchor_texts, positive_texts)
+    first = {}
+    for i, text in enumerate(positive_texts):
+        first.setdefault(text.strip(), i)
+    corpus = positives[[first[t] for t in corpus_texts]]  # (N, H): one vector per distinct positive
+    metrics = evaluate_retrieval(anchors, corpus, relevant)
+    q = float(anchors.shape[0])
+    return {k: (v * q, q) for k, v in metrics.items() if k not in ("queries", "corpus")}
+
+
+def make_contrastive(cfg) -> ContrastiveObjective:
+    c = cfg.contrastive
+    return ContrastiveObjective(c.pooling, c.normalize, c.temperature, c.symmetric, c.learn_temperature)
+
+
+def temperature_heads(cfg, model) -> dict:
+    """{"temperature": LearnedTemperature} when contrastive.learn_temperature, else no heads."""
+    c = cfg.contrastive
+    return {TEMPERATURE_HEAD: LearnedTemperature(c.temperature)} if c.learn_temperature else {}
