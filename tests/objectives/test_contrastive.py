@@ -1,0 +1,203 @@
+"""method contrastive: cached mini-batching equals one full-batch pass, dropout replayed, the saved folder loads in
+sentence-transformers and transformers with tuneforge's embeddings, bad pair records named by file:line:field, and
+a tiny run that learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers.runs import write_pair_data
+from tuneforge.config.load import config_from_dict
+from tuneforge.data.collate import collate_sequences
+from tuneforge.data.readers import read_records
+from tuneforge.errors import DataError
+from tuneforge.models.embedder import embed, pool
+from tuneforge.models.heads import TrainModule
+from tuneforge.models.tiny import make_tiny_bert_dir
+from tuneforge.objectives.contrastive import ContrastiveObjective, _replay, _rng_state
+from tuneforge.objectives.contrastive_losses import LearnedTemperature
+from tuneforge.train.loop import accumulate_update, make_autocast
+
+NONE = make_autocast("none", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_tiny_bert_dir(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def _examples(tokenizer, n=8, negatives=True, duplicate=True):
+    """Pair examples as the pair builder makes them (anchor, positive, negatives; texts kept)."""
+    from tuneforge.data.chat import TokenizedExample
+    from tuneforge.data.example import Example
+    out = []
+    for i in range(n):
+        texts = {"anchor": f"question number {i} about item {i * 7}", "positive": f"answer {i}: item {i * 7}",
+                 "negatives": [f"answer {i}: item {i * 7 + 1}"] if negatives and i % 2 else []}
+        if duplicate and i == n - 1:  # the same positive text as example 0: a false negative for both
+            texts["positive"] = out[0].texts["positive"]
+        seqs, roles = [], []
+        for role, text in [(0, texts["anchor"]), (1, texts["positive"])] + [(2, t) for t in texts["negatives"]]:
+            ids = tokenizer(text)["input_ids"]
+            seqs.append(TokenizedExample(ids, [1] * len(ids)))
+            roles.append(role)
+        out.append(Example(seqs, roles, ("anchor", "positive", "negative"), texts))
+    return out
+
+
+def _batch(tokenizer, examples):
+    return {**collate_sequences(examples, tokenizer.pad_token_id), "texts": [ex.texts for ex in examples]}
+
+
+def _module(bert_dir, dropout_off=True, learned=False):
+    from tuneforge.models.load import load_embedding_model
+    model, tok = load_embedding_model(bert_dir)
+    if dropout_off:
+        model.config.hidden_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.config.attention_probs_dropout_prob = 0.0
+    heads = {"temperature": LearnedTemperature(0.07)} if learned else None
+    module = TrainModule(model, heads)
+    module.train()
+    return module, tok
+
+
+def _update(module, objective, batches):
+    module.zero_grad(set_to_none=True)
+    totals = accumulate_update(module, objective, batches, NONE)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return totals, grads
+
+
+@pytest.mark.parametrize("symmetric,learned", [(False, False), (True, False), (False, True)])
+def test_cached_mini_batches_give_the_gradients_of_one_full_batch(bert_dir, symmetric, learned):
+    module, tok = _module(bert_dir, learned=learned)
+    objective = ContrastiveObjective("mean", True, 0.05, symmetric=symmetric, learn_temperature=learned)
+    examples = _examples(tok)
+    full, g_full = _update(module, objective, [_batch(tok, examples)])
+    cached, g_cached = _update(module, objective, [_batch(tok, examples[i:i + 3]) for i in range(0, 8, 3)])
+    assert full.count == cached.count == 8
+    assert abs(full.loss_sum - cached.loss_sum) < 1e-5 * max(1.0, abs(full.loss_sum))
+    assert g_full.keys() == g_cached.keys() and len(g_full) > 10
+    assert not learned or "heads.temperature.log_scale" in g_full
+    for name in g_full:
+        torch.testing.assert_close(g_cached[name], g_full[name], rtol=1e-5, atol=1e-5, msg=name)
+    for key in ("accuracy", "positive_similarity", "hardest_negative_similarity"):
+        assert abs(full.metrics[key][0] - cached.metrics[key][0]) < 1e-4, key
+
+
+def test_the_negative_pool_is_the_whole_update_not_one_micro_batch(bert_dir):
+    """Per-micro-batch InfoNCE (each micro-batch its own pool) is a different loss: the cached one must not be it."""
+    module, tok = _module(bert_dir)
+    objective = ContrastiveObjective()
+    examples = _examples(tok, duplicate=False)
+    cached, _ = _update(module, objective, [_batch(tok, examples[:4]), _batch(tok, examples[4:])])
+    separate = sum(_update(module, objective, [_batch(tok, part)])[0].loss_sum
+                   for part in (examples[:4], examples[4:]))
+    assert cached.loss_sum > separate + 1e-3  # more negatives, a larger loss
+
+
+def test_the_cached_pass_replays_dropout(bert_dir):
+    module, tok = _module(bert_dir, dropout_off=False)
+    batch = _batch(tok, _examples(tok, n=4))
+    state = _rng_state(torch.device("cpu"))
+    with torch.no_grad():
+        first = embed(module, batch, "mean", True)
+        other = embed(module, batch, "mean", True)  # the random state moved on: other dropout masks
+    with _replay(state, torch.device("cpu")):
+        again = embed(module, batch, "mean", True)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_pooling_by_position():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    torch.testing.assert_close(pool(hidden, mask, "mean"), torch.stack([hidden[0, :3].mean(0), hidden[1, :2].mean(0)]))
+    torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
+    torch.testing.assert_close(pool(hidden, mask, "last"), torch.stack([hidden[0, 2], hidden[1, 1]]))
+    with pytest.raises(ValueError, match="pooling"):
+        pool(hidden, mask, "max")
+
+
+@pytest.mark.parametrize("row,field,message", [
+    ({"anchor": "a b", "positive": " a b "}, "positive", "same text as the anchor"),
+    ({"anchor": "a", "positive": "b", "negatives": ["c", "b"]}, "negatives[1]", "same text as the positive"),
+    ({"anchor": "a", "positive": "b", "negative": "b"}, "negative", "same text as the positive"),
+    ({"anchor": "a", "positive": "b", "negatives": "c"}, "negatives", "expected a list"),
+    ({"anchor": "a", "positive": "b", "negatives": [""]}, "negatives[0]", "non-empty"),
+])
+def test_bad_pair_records_are_named_by_file_line_and_field(tmp_path, row, field, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"anchor": "fine", "positive": "also fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as info:
+        read_records(path, kind="pair")
+    text = str(info.value)
+    assert "pairs.jsonl" in text and "line 2" in text and field in text and message in text, text
+    skipped = read_records(path, kind="pair", on_error="skip")  # the config's choice: counted skips instead
+    assert [r.anchor for r in skipped.records] == ["fine"] and skipped.skipped == 1
+
+
+def _config(bert_dir, train, out, lora=False, steps=12):
+    return config_from_dict({
+        "method": "contrastive", "model": {"name": str(bert_dir)},
+        "data": {"train": str(train), "eval_fraction": 0.25, "max_length": 64},
+        "lora": {"enabled": lora, "r": 4, "alpha": 8},
+        "train": {"output_dir": str(out), "max_steps": steps, "micro_batch_size": 4, "grad_accum": 2, "lr": 2e-3,
+                  "progress": False, "tensorboard": False, "autocast": "none", "warmup_ratio": 0.0},
+        "contrastive": {"temperature": 0.1}})
+
+
+def _embeddings_from_folder(folder, texts):
+    from transformers import AutoModel, AutoTokenizer
+    model, tok = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    x = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return torch.nn.functional.normalize(pool(model(**x).last_hidden_state, x["attention_mask"], "mean"), dim=-1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_tiny_run_learns_and_saves_a_folder_both_libraries_load(bert_dir, tmp_path, lora):
+    from tuneforge.run import train
+    data = write_pair_data(tmp_path / "pairs.jsonl", n=48)
+    res = train(_config(bert_dir, data, tmp_path / "run", lora=lora))
+    before, after = res["eval_before"], res["train"]["eval"]
+    assert after["loss"] < before["loss"]  # held-out InfoNCE
+    for key in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"):
+        assert 0.0 <= after[key] <= 1.0
+    final = tmp_path / "run" / "final"
+    modules = json.loads((final / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    assert (final / "adapter" / "adapter_config.json").exists() == lora
+    texts = ["What is 3 plus 4?", "3 plus 4 makes 7, a longer sentence than the other one."]
+    ours = _embeddings_from_folder(final, texts)
+    # the tuned weights, not the base: the base folder gives other embeddings
+    assert not torch.allclose(ours, _embeddings_from_folder(bert_dir, texts), atol=1e-4)
+    st = pytest.importorskip("sentence_transformers")
+    theirs = st.SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_the_objective_re_embeds_each_micro_batch_with_the_dropout_of_its_cached_pass(bert_dir, monkeypatch):
+    module, tok = _module(bert_dir, dropout_off=False)
+    objective = ContrastiveObjective()
+    seen = []
+    original = ContrastiveObjective._parts
+
+    def recording(self, module, batch):
+        parts = original(self, module, batch)
+        seen.append(parts.anchors.detach().clone())
+        return parts
+
+    monkeypatch.setattr(ContrastiveObjective, "_parts", recording)
+    examples = _examples(tok)
+    _update(module, objective, [_batch(tok, examples[:4]), _batch(tok, examples[4:])])
+    assert len(seen) == 4  # two cached passes, then two passes with gradients
+    torch.testing.assert_close(seen[2], seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(seen[3], seen[1], rtol=0, atol=0)
+    assert not torch.equal(seen[0], seen[1])
