@@ -1,4 +1,4 @@
-"""The `tuneforge` command: train | data inspect | generate | chat | eval | rank | merge | score."""
+"""The `tuneforge` command: train | data inspect | data mine-negatives | generate | chat | eval | rank | merge | score."""
 
 from __future__ import annotations
 
@@ -118,6 +118,15 @@ def _adapter_base(adapter: str) -> str:
                              "(base_model_name_or_path): pass --model")
     preflight.check_inputs(preflight.model_inputs(f"--adapter {adapter}: its base model (pass --model)", base))
     return base
+
+
+def cmd_data_mine(args) -> int:
+    from tuneforge.data.mining import mine_for_config
+    cfg = _config(args)
+    counts = mine_for_config(cfg, args.out, args.k, args.margin)
+    print(f"{counts['pairs']} pairs, {counts['negatives']} hard negatives mined among {counts['corpus']} "
+          f"documents -> {args.out}")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -244,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("-n", type=int, default=3, help="examples to print")
     di.add_argument("--no-color", action="store_true")
     di.set_defaults(func=cmd_data_inspect)
+    dm = dsub.add_parser("mine-negatives", help="contrastive: add hard negatives to the training pairs, mined with "
+                                                "the config's model")
+    with_config(dm)
+    dm.add_argument("--out", required=True, help="pair JSONL to write (anchor, positive, negatives)")
+    dm.add_argument("-k", type=int, default=3, help="negatives per pair (default 3)")
+    dm.add_argument("--margin", type=float, default=0.05,
+                    help="skip candidates scoring above (1 - margin) x the positive's score: likely unlabelled "
+                         "positives (default 0.05)")
+    dm.set_defaults(func=cmd_data_mine)
 
     for name, func, helptext in (("generate", cmd_generate, "generate replies to prompts"),
                                  ("chat", cmd_chat, "chat with a model in the terminal")):

@@ -201,3 +201,29 @@ def test_the_objective_re_embeds_each_micro_batch_with_the_dropout_of_its_cached
     torch.testing.assert_close(seen[2], seen[0], rtol=0, atol=0)
     torch.testing.assert_close(seen[3], seen[1], rtol=0, atol=0)
     assert not torch.equal(seen[0], seen[1])
+
+
+def test_mine_negatives_writes_pairs_with_k_negatives_that_are_not_the_positive(bert_dir, tmp_path):
+    from tuneforge.cli import main
+    from tuneforge.config.load import load_config
+    from helpers.runs import write_config_yaml
+    data = write_pair_data(tmp_path / "pairs.jsonl", n=24)
+    cfg = _config(bert_dir, data, tmp_path / "run")
+    yaml_path = write_config_yaml(cfg, tmp_path / "c.yaml")
+    out = tmp_path / "mined.jsonl"
+    # margin 0: skip only what scores above the positive (a random model scores every text alike)
+    assert main(["data", "mine-negatives", str(yaml_path), "--out", str(out), "-k", "2", "--margin", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    train = load_config(str(yaml_path), [])
+    assert 0 < len(rows) <= 24 and train.data.eval_fraction  # the training split only
+    originals = {json.loads(line)["anchor"]: json.loads(line) for line in data.read_text().splitlines()}
+    found = 0
+    for row in rows:
+        source = originals[row["anchor"]]
+        assert row["positive"] == source["positive"]
+        mined = row["negatives"][len(source.get("negatives", [])):]
+        assert len(mined) <= 2 and row["positive"] not in mined and len(set(mined)) == len(mined)
+        found += len(mined)
+    assert found >= len(rows)
+    # the file is pair data a run reads as it is
+    assert read_records(out, kind="pair").skipped == 0

@@ -104,3 +104,35 @@ def mine_hard_negatives(anchor_emb: torch.Tensor, corpus_emb: torch.Tensor, posi
         pending, depth = still, min(n, 2 * depth)
     return negatives
 
+
+
+def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) -> dict:
+    """`tuneforge data mine-negatives`: the training pairs of `cfg` (a contrastive config) with k hard negatives
+    each, mined with the config's model as it is (the base, before training) among all distinct training
+    positives, written as pair JSONL to `out_path` (atomically). Returns counts."""
+    import json
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval.retrieval import corpus_from_pairs
+    from tuneforge.fsutil import atomic_write_text
+    from tuneforge.models.embedder import embed_texts
+    from tuneforge.run import load_model_and_tokenizer, prepare, setup_runtime
+    if cfg.method != "contrastive":
+        raise ConfigError(f"mine-negatives needs a contrastive config (method: contrastive), not {cfg.method}",
+                          key="method")
+    device = setup_runtime(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    data = prepare(cfg, tokenizer)
+    texts = [ex.texts for ex in data.train]
+    anchors, positives = [t["anchor"] for t in texts], [t["positive"] for t in texts]
+    corpus, relevant = corpus_from_pairs(anchors, positives)
+    c, d = cfg.contrastive, cfg.data
+    anchor_emb = embed_texts(model, tokenizer, anchors, c.pooling, c.normalize, d.max_length)
+    corpus_emb = embed_texts(model, tokenizer, corpus, c.pooling, c.normalize, d.max_length)
+    positive_index = [next(iter(r)) for r in relevant]
+    mined = mine_hard_negatives(anchor_emb, corpus_emb, positive_index, k, relative_margin, corpus, positives)
+    lines = [json.dumps({"anchor": t["anchor"], "positive": t["positive"],
+                         "negatives": list(t["negatives"]) + [corpus[j] for j in found]}, ensure_ascii=False)
+             for t, found in zip(texts, mined)]
+    atomic_write_text(out_path, "".join(line + "\n" for line in lines))
+    return {"pairs": len(lines), "corpus": len(corpus), "negatives": sum(len(m) for m in mined)}
