@@ -47,21 +47,19 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device | None = None)
     """The config's model as its method trains it (a causal LM; an embedder's bare body) and its tokenizer."""
     if method_of(cfg).load is not None:
         model, tokenizer = method_of(cfg).load(cfg, device)
-        if cfg.data.chat_template:
-            tokenizer.chat_template = cfg.data.chat_template
-        return model, tokenizer
-    from tuneforge.models.load import load_causal_lm
-    model, tokenizer = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype,
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      attn_implementation=cfg.model.attn_implementation)
+    else:
+        from tuneforge.models.load import load_causal_lm
+        model, tokenizer = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype,
+                                          trust_remote_code=cfg.model.trust_remote_code,
+                                          attn_implementation=cfg.model.attn_implementation)
+        if cfg.model.attn_implementation is None:
+            from tuneforge.models.attention import register, supports_varlen
+            if supports_varlen(model.config):
+                model.set_attn_implementation(register())
+        if device is not None:
+            model.to(device)
     if cfg.data.chat_template:
         tokenizer.chat_template = cfg.data.chat_template
-    if cfg.model.attn_implementation is None:
-        from tuneforge.models.attention import register, supports_varlen
-        if supports_varlen(model.config):
-            model.set_attn_implementation(register())
-    if device is not None:
-        model.to(device)
     return model, tokenizer
 
 

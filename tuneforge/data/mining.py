@@ -105,7 +105,6 @@ def mine_hard_negatives(anchor_emb: torch.Tensor, corpus_emb: torch.Tensor, posi
     return negatives
 
 
-
 def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) -> dict:
     """`tuneforge data mine-negatives`: the training pairs of `cfg` (a contrastive config) with k hard negatives
     each, mined with the config's model as it is (the base, before training) among all distinct training
@@ -113,9 +112,9 @@ def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) ->
     import json
 
     from tuneforge.errors import ConfigError
-    from tuneforge.eval.retrieval import corpus_from_pairs
     from tuneforge.fsutil import atomic_write_text
-    from tuneforge.models.embedder import embed_texts
+    from tuneforge.models.heads import TrainModule
+    from tuneforge.objectives.contrastive import embed_pairs, pair_corpus
     from tuneforge.run import load_model_and_tokenizer, prepare, setup_runtime
     if cfg.method != "contrastive":
         raise ConfigError(f"mine-negatives needs a contrastive config (method: contrastive), not {cfg.method}",
@@ -125,10 +124,10 @@ def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) ->
     data = prepare(cfg, tokenizer)
     texts = [ex.texts for ex in data.train]
     anchors, positives = [t["anchor"] for t in texts], [t["positive"] for t in texts]
-    corpus, relevant = corpus_from_pairs(anchors, positives)
-    c, d = cfg.contrastive, cfg.data
-    anchor_emb = embed_texts(model, tokenizer, anchors, c.pooling, c.normalize, d.max_length)
-    corpus_emb = embed_texts(model, tokenizer, corpus, c.pooling, c.normalize, d.max_length)
+    c = cfg.contrastive
+    anchor_emb, positive_emb = embed_pairs(TrainModule(model), list(data.train), tokenizer.pad_token_id, c.pooling,
+                                           c.normalize)
+    corpus, corpus_emb, relevant = pair_corpus(positive_emb, anchors, positives)
     positive_index = [next(iter(r)) for r in relevant]
     mined = mine_hard_negatives(anchor_emb, corpus_emb, positive_index, k, relative_margin, corpus, positives)
     lines = [json.dumps({"anchor": t["anchor"], "positive": t["positive"],

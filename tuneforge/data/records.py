@@ -279,11 +279,10 @@ def _pair(obj: dict, src: Source, cols: dict, tabular: bool) -> PairRecord:
             got = "an empty string" if isinstance(negative, str) else _type_name(negative)
             raise _err(src, f"{cols['negatives']}[{i}]", f"expected a non-empty string, got {got}")
     single = _nonblank(_string(obj, cols["negative"], src, required=False))
-    negatives = [*negatives, *([single] if single else [])]
     if anchor.strip() == positive.strip():  # the loss would be near its minimum already: nothing to learn
         raise _err(src, cols["positive"], "the positive is the same text as the anchor")
-    for i, negative in enumerate(negatives):
+    named = [(f"{cols['negatives']}[{i}]", text) for i, text in enumerate(negatives)]
+    for where, negative in named + ([(cols["negative"], single)] if single else []):
         if negative.strip() == positive.strip():  # it would be pushed away from the anchor and pulled to it
-            where = f"{cols['negatives']}[{i}]" if i < len(negatives) - bool(single) else cols["negative"]
             raise _err(src, where, "a negative is the same text as the positive")
-    return PairRecord(anchor, positive, negatives, src)
+    return PairRecord(anchor, positive, [*negatives, *([single] if single else [])], src)

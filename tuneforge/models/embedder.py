@@ -5,7 +5,7 @@ LLM body (e.g. SmolLM2) whose final hidden states are pooled into one vector per
   token, found by position from the attention mask, never by token id, so right padding is safe for decoders).
 - Optional L2 normalisation (`contrastive.normalize`): then a dot product is the cosine similarity.
 - Pooling runs inside the TrainModule's forward (models/heads.py `head_fn`), so a data-parallel wrapper sees it.
-- Saved as a sentence-transformers folder (`save_sentence_transformer`): the transformers model and tokenizer at
+- Saved as a sentence-transformers folder (`save_embedder`): the transformers model and tokenizer at
   the top (so `transformers.AutoModel` loads it too) plus modules.json, 1_Pooling/ and, when normalised,
   2_Normalize/, which `sentence_transformers.SentenceTransformer(path)` reads. Under LoRA the adapter is saved
   beside it in `adapter/` and the top-level model is the merged copy.
@@ -103,26 +103,3 @@ def save_embedder(cfg, module, tokenizer, folder: Path) -> None:
     c = cfg.contrastive
     write_sentence_transformer_files(folder, plain.config.hidden_size, c.pooling, c.normalize, cfg.data.max_length)
 
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], pooling: str, normalize: bool, max_length: int,
-                batch_size: int = 32) -> torch.Tensor:
-    """(len(texts), H) float32 embeddings of plain texts (tokenised as the pair builder does: the tokenizer's
-    own special tokens, cut on the right to max_length), `batch_size` at a time, in eval mode."""
-    from tuneforge.models.heads import TrainModule
-    module = TrainModule(model)
-    was_training = module.training
-    module.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # pooling reads positions of right padding
-    device = next(model.parameters()).device
-    try:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-            out.append(embed(module, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}, pooling,
-                             normalize).cpu())
-        return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size)
-    finally:
-        tokenizer.padding_side = side
-        module.train(was_training)

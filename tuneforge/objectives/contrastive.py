@@ -199,17 +199,46 @@ class ContrastiveObjective(Objective):
         return out
 
 
-def retrieval_sums(anchors: torch.Tensor, positives: torch.Tensor, anchor_texts: list[str],
-                   positive_texts: list[str]) -> dict:
-    """Retrieval metrics of anchors (Q, H) against the deduplicated positives, as (value x Q, Q) pairs."""
+def pair_corpus(positives: torch.Tensor, anchor_texts: list[str], positive_texts: list[str]):
+    """(corpus texts, corpus vectors (N, H), relevant sets): the distinct positives of some pairs as a retrieval
+    corpus (eval/retrieval.py `corpus_from_pairs`), each text's vector taken from its first pair."""
     corpus_texts, relevant = corpus_from_pairs(anchor_texts, positive_texts)
     first = {}
     for i, text in enumerate(positive_texts):
         first.setdefault(text.strip(), i)
-    corpus = positives[[first[t] for t in corpus_texts]]  # (N, H): one vector per distinct positive
+    return corpus_texts, positives[[first[t] for t in corpus_texts]], relevant
+
+
+def retrieval_sums(anchors: torch.Tensor, positives: torch.Tensor, anchor_texts: list[str],
+                   positive_texts: list[str]) -> dict:
+    """Retrieval metrics of anchors (Q, H) against the deduplicated positives, as (value x Q, Q) pairs."""
+    _, corpus, relevant = pair_corpus(positives, anchor_texts, positive_texts)
     metrics = evaluate_retrieval(anchors, corpus, relevant)
     q = float(anchors.shape[0])
     return {k: (v * q, q) for k, v in metrics.items() if k not in ("queries", "corpus")}
+
+
+@torch.no_grad()
+def embed_pairs(module, examples: list, pad_id: int, pooling: str, normalize: bool, batch_size: int = 32):
+    """(anchors (E, H), positives (E, H)) of pair examples as the builder tokenised them, in eval mode."""
+    from tuneforge.data.collate import collate_sequences
+    from tuneforge.data.example import Example
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    anchors, positives = [], []
+    try:
+        for i in range(0, len(examples), batch_size):
+            pairs = [Example([ex["anchor"], ex["positive"]], [ANCHOR, POSITIVE], ex.role_names, ex.texts)
+                     for ex in examples[i:i + batch_size]]  # the negatives are not needed
+            batch = collate_sequences(pairs, pad_id)
+            vectors = embed(module, {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}, pooling,
+                            normalize).cpu()
+            anchors.append(vectors[batch["sequence_role"] == ANCHOR])
+            positives.append(vectors[batch["sequence_role"] == POSITIVE])
+    finally:
+        module.train(was_training)
+    return torch.cat(anchors), torch.cat(positives)
 
 
 def make_contrastive(cfg) -> ContrastiveObjective:
