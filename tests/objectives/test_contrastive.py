@@ -178,7 +178,7 @@ def test_a_tiny_run_learns_and_saves_a_folder_both_libraries_load(bert_dir, tmp_
     ours = _embeddings_from_folder(final, texts)
     # the tuned weights, not the base: the base folder gives other embeddings
     assert not torch.allclose(ours, _embeddings_from_folder(bert_dir, texts), atol=1e-4)
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st  # a test dependency (pyproject test extra): never skipped
     theirs = st.SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 

@@ -8,6 +8,8 @@ loss. The sentence-transformers comparison runs its MultipleNegativesRankingLoss
 
 from __future__ import annotations
 
+import importlib
+
 import math
 
 import pytest
@@ -292,7 +294,8 @@ def test_mean_equals_cross_entropy_on_scaled_cosine():
 def test_mean_equals_sentence_transformers_multiple_negatives_ranking_loss():
     # sentence-transformers' own loss on precomputed embeddings, through its public compute_loss_from_embeddings
     # (the model is only used by forward(), so a dummy module stands in). It normalises (cos_sim) itself.
-    mnrl = pytest.importorskip("sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking")
+    # a test dependency (pyproject test extra): imported, never skipped
+    mnrl = importlib.import_module("sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking")
     g = torch.Generator().manual_seed(11)
     queries, positives, negatives = (torch.randn(4, 8, generator=g, dtype=torch.float64) for _ in range(3))
     a = F.normalize(queries, dim=1)

@@ -144,6 +144,82 @@ def thin_lora_in_float32(model, device: torch.device):
             del layer.forward
 
 
+def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, x: torch.Tensor):
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
+
+
+def _can_pack(device: torch.device) -> bool:
+    return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _merged_weight(layer, dtype: torch.dtype) -> torch.Tensor | None:
+    """A PEFT LoRA linear layer's effective weight: its base weight where the adapters are disabled (the
+    reference) or already merged, else the base as autocast reads it (rounded to `dtype`) + the active adapters'
+    deltas, summed in float32, so the result does not depend on whether the frozen base is stored in float32 or
+    in `dtype` (lora.frozen_dtype); None where the layer is not a plain LoRA linear (DoRA and other variants
+    keep their own forward)."""
+    base = getattr(layer, "base_layer", None)
+    if not isinstance(base, torch.nn.Linear):
+        return None
+    if layer.disable_adapters or layer.merged:
+        return base.weight.detach()
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(layer.use_dora.get(a, False) for a in active) or any(layer.lora_variant.get(a) for a in active):
+        return None
+    weight = base.weight.detach().to(dtype).float()
+    for a in active:
+        weight = weight + layer.get_delta_weight(a).detach().float()
+    return weight
+
+
+@contextlib.contextmanager
+def packed_bf16_linears(body, device: torch.device, rows: int):
+    """While decoding under bf16 autocast on a CPU with native bf16 (AMX / AVX512-BF16), every linear layer of
+    the decoder body runs on a copy of its weight reordered once into oneDNN's blocked layout, instead of oneDNN
+    reordering (and, for a float32 weight, autocast casting) the weight at every call of every step. A LoRA
+    layer's copy is its effective weight, bf16 base + scale x B A summed in float32 and rounded to bf16, so a
+    step runs 7 matmuls a block instead of 21 and none of PEFT's per-call casts, scalings and additions.
+
+    Numbers: for a plain linear the product is autocast's bf16 F.linear bit for bit (the same kernel); for a
+    LoRA layer it differs from the unmerged bf16 path by the rounding of the merged weight to bf16, the order of
+    the bf16 rounding the compute dtype already brings, so the sampled tokens' log-probs stay within bf16
+    precision of training's recomputation (the ratio itself uses the recomputed old log-probs, so it is 1 on a
+    batch's first epoch regardless). Speed (2-core Xeon with AMX, SmolLM2-135M + LoRA, 16 rows): see
+    BENCHMARKS.md. The copies (the body's linear weights in bf16, 212 MB for SmolLM2-135M) live only inside this
+    context: trained weights are packed anew at every rollout. A no-op where `_can_pack` says no; layers it
+    cannot merge (DoRA, disabled adapters) keep their own forward."""
+    if not _can_pack(device):
+        yield
+        return
+    dtype = torch.bfloat16
+    patched, skip = [], set()
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the deltas B A in float32, not autocast's bf16
+        for module in body.modules():
+            if id(module) in skip:
+                continue
+            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict):  # a PEFT LoRA layer
+                weight, base = _merged_weight(module, dtype), module.base_layer
+                skip |= {id(m) for m in module.modules() if m is not module and (weight is not None or m is not base)}
+            elif isinstance(module, torch.nn.Linear):
+                weight, base = module.weight.detach(), module
+            else:
+                continue
+            if weight is None or weight.device != device:
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous(), rows)
+            bias = base.bias.detach().to(dtype) if base.bias is not None else None
+            module.forward = functools.partial(_packed_linear, packed, bias, dtype)  # an instance attribute
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def _parts(model):
     """The decoder body and the bias-free output head weight (TrainModule, DDP, PEFT or plain HF model)."""
     tm = train_module(as_train_module(model))
@@ -228,7 +304,7 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps_tok, steps_logp, steps_live = [], [], []
     cache = DynamicCache(config=unwrap(model).config)
-    with eval_mode(model), thin_lora_in_float32(model, device):
+    with eval_mode(model), thin_lora_in_float32(model, device), packed_bf16_linears(body, device, rows):
         hidden = body(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
                       cache=cache, use_cache=True).last_hidden_state[:, -1]  # (distinct prompts, H)
         if len(firsts) < rows:
