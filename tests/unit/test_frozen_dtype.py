@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.lora import lora_model_with_nonzero_b
 
-from tuneforge.adapters.lora import apply_lora, frozen_linears_to
+from tuneforge.adapters.lora import frozen_linears_to
 from tuneforge.eval.generation import sample_completions
 from tuneforge.models.heads import TrainModule
 from tuneforge.models.load import load_causal_lm
@@ -14,13 +15,7 @@ from tuneforge.objectives.functional import token_logps  # noqa: F401  (the path
 
 
 def _lora_model(tiny_model_dir, seed=0):
-    torch.manual_seed(seed)
-    model = apply_lora(load_causal_lm(tiny_model_dir)[0], r=4, alpha=8, dropout=0.0)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for name, p in model.named_parameters():  # lora_B starts at zero: give the adapter something to say
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.05
-    return model
+    return lora_model_with_nonzero_b(tiny_model_dir, seed)
 
 
 def test_only_frozen_linear_weights_change(tiny_model_dir):

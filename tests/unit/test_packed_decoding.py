@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from helpers.lora import lora_model_with_nonzero_b
 
 import tuneforge.eval.generation as generation
-from tuneforge.adapters.lora import apply_lora, frozen_linears_to
+from tuneforge.adapters.lora import frozen_linears_to
 from tuneforge.eval.generation import packed_bf16_linears, sample_completions
 from tuneforge.models.heads import TrainModule
-from tuneforge.models.load import load_causal_lm
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
 needs_bf16 = pytest.mark.skipif(
@@ -23,13 +23,7 @@ PROMPTS = [[5, 17, 42], [5, 17, 42], [1, 2, 3, 4, 5], [9]]
 
 
 def _lora_model(tiny_model_dir, seed=0):
-    torch.manual_seed(seed)
-    model = apply_lora(load_causal_lm(tiny_model_dir)[0], r=4, alpha=8, dropout=0.0)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for name, p in model.named_parameters():  # lora_B starts at zero: give the adapter something to say
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.05
-    return model
+    return lora_model_with_nonzero_b(tiny_model_dir, seed)
 
 
 def _decode(model, packed: bool, monkeypatch, greedy=False):
