@@ -14,12 +14,8 @@ from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives.functional import token_logps  # noqa: F401  (the path RL trains on)
 
 
-def _lora_model(tiny_model_dir, seed=0):
-    return lora_model_with_nonzero_b(tiny_model_dir, seed)
-
-
 def test_only_frozen_linear_weights_change(tiny_model_dir):
-    model = _lora_model(tiny_model_dir)
+    model = lora_model_with_nonzero_b(tiny_model_dir)
     before = {n: p.dtype for n, p in model.named_parameters()}
     changed = frozen_linears_to(model, torch.bfloat16)
     after = {n: p.dtype for n, p in model.named_parameters()}
@@ -47,7 +43,7 @@ def test_training_numbers_equal_autocast_with_float32_storage(tiny_model_dir):
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
     results = []
     for convert in (False, True):
-        model = _lora_model(tiny_model_dir)
+        model = lora_model_with_nonzero_b(tiny_model_dir)
         if convert:
             frozen_linears_to(model, torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -64,7 +60,7 @@ def test_decoding_equals_autocast_with_float32_storage(tiny_model_dir):
     prompts = [[5, 17, 42], [1, 2, 3, 4, 5], [9]]
     outs = []
     for convert in (False, True):
-        model = _lora_model(tiny_model_dir)
+        model = lora_model_with_nonzero_b(tiny_model_dir)
         if convert:
             frozen_linears_to(model, torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -12,18 +12,13 @@ from helpers.lora import lora_model_with_nonzero_b
 
 import tuneforge.eval.generation as generation
 from tuneforge.adapters.lora import frozen_linears_to
-from tuneforge.eval.generation import packed_bf16_linears, sample_completions
+from tuneforge.eval.generation import native_bf16_packing, packed_bf16_linears, sample_completions
 from tuneforge.models.heads import TrainModule
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
-needs_bf16 = pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-    reason="this CPU has no native bf16: decoding never packs here")
+needs_bf16 = pytest.mark.skipif(not native_bf16_packing(),
+                                reason="this CPU has no native bf16: decoding never packs here")
 PROMPTS = [[5, 17, 42], [5, 17, 42], [1, 2, 3, 4, 5], [9]]
-
-
-def _lora_model(tiny_model_dir, seed=0):
-    return lora_model_with_nonzero_b(tiny_model_dir, seed)
 
 
 def _decode(model, packed: bool, monkeypatch, greedy=False):
@@ -58,7 +53,7 @@ def test_packed_lora_decoding_equals_the_merged_model_unpacked(tiny_model_dir, m
     """The merged weight is the bf16 base + B A x scale in float32, rounded to bf16 once: what autocast does with
     PEFT's merge_and_unload of a base already in bf16 values. So packed decoding of the adapter == unpacked
     decoding of the merged model, bit for bit."""
-    model = _lora_model(tiny_model_dir)
+    model = lora_model_with_nonzero_b(tiny_model_dir)
     for name, p in model.named_parameters():
         if "base_layer" in name:  # a base autocast reads unrounded: the merge adds the delta to the bf16 base
             p.data = p.data.bfloat16().float()
@@ -75,7 +70,7 @@ def test_packed_lora_decoding_equals_the_merged_model_unpacked(tiny_model_dir, m
 def test_frozen_bf16_storage_and_disabled_adapter(tiny_model_dir, monkeypatch):
     """With the base stored in bf16 the merge reads the same weights; the reference (adapter disabled) packs the
     base weight alone and decodes exactly as the unpacked base does."""
-    model = _lora_model(tiny_model_dir)
+    model = lora_model_with_nonzero_b(tiny_model_dir)
     assert frozen_linears_to(model, torch.bfloat16) > 0
     merged = copy.deepcopy(model)
     for name, p in merged.named_parameters():
@@ -90,7 +85,7 @@ def test_frozen_bf16_storage_and_disabled_adapter(tiny_model_dir, monkeypatch):
 
 def test_no_packing_without_bf16_autocast(tiny_model_dir, monkeypatch):
     """Float32 decoding (and any CPU without native bf16) keeps every layer's own forward."""
-    model = _lora_model(tiny_model_dir)
+    model = lora_model_with_nonzero_b(tiny_model_dir)
     body = TrainModule(model).body()
     with packed_bf16_linears(body, torch.device("cpu"), 4):
         assert not any("forward" in m.__dict__ for m in model.modules())

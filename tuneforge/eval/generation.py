@@ -148,11 +148,15 @@ def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
+def native_bf16_packing() -> bool:
+    """Whether this CPU build has oneDNN with native bf16 (AMX / AVX512-BF16) and its weight-packing ops."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _can_pack(device: torch.device) -> bool:
     return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and native_bf16_packing())
 
 
 def _merged_weight(layer, dtype: torch.dtype) -> torch.Tensor | None:
@@ -189,7 +193,8 @@ def packed_bf16_linears(body, device: torch.device, rows: int):
     precision of training's recomputation (the ratio itself uses the recomputed old log-probs, so it is 1 on a
     batch's first epoch regardless). Speed (2-core Xeon with AMX, SmolLM2-135M + LoRA, 16 rows): see
     BENCHMARKS.md. The copies (the body's linear weights in bf16, 212 MB for SmolLM2-135M) live only inside this
-    context: trained weights are packed anew at every rollout. A no-op where `_can_pack` says no; layers it
+    context, entered once per `sample_completions` call (one decoding batch): trained weights are packed
+    anew at every rollout. A no-op where `_can_pack` says no; layers it
     cannot merge (DoRA, disabled adapters) keep their own forward."""
     if not _can_pack(device):
         yield
