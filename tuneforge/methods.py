@@ -121,7 +121,7 @@ def _evaluate_reward_model(cfg, data, model_dir: str) -> dict:
 
 def _contrastive_objective(cfg, tokenizer=None):
     from tuneforge.objectives.contrastive import make_contrastive
-    return make_contrastive(cfg)
+    return make_contrastive(cfg, tokenizer)
 
 
 def _temperature_heads(cfg, model):
@@ -137,6 +137,11 @@ def _load_embedder(cfg, device):
 def _save_embedder(cfg, module, tokenizer, folder: Path) -> None:
     from tuneforge.models.embedder import save_embedder
     save_embedder(cfg, module, tokenizer, folder)
+
+
+def _prefixes(cfg) -> dict:
+    c = cfg.contrastive
+    return {k: v for k, v in (("query_prefix", c.query_prefix), ("document_prefix", c.document_prefix)) if v}
 
 
 def _pair_batches(cfg, data, tokenizer):
@@ -170,6 +175,9 @@ class Method:
     # (cfg, device) -> (model, tokenizer) in place of the causal LM (an embedder: the bare AutoModel body)
     load: Callable | None = None
     lora_task_type: str = "CAUSAL_LM"  # PEFT's task type, recorded in the adapter's config
+    # (cfg) -> {name: value}: settings of the method's section that change the tokens, handed to the data builder
+    # (and part of the token cache's key): contrastive instruction prefixes
+    builder_options: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -187,7 +195,7 @@ METHODS: dict[str, Method] = {
                   heads=_value_head, batching=_prompt_batches),
     "contrastive": Method("pair", _contrastive_objective, _no_generation_records, _save_embedder,
                           heads=_temperature_heads, batching=_pair_batches, merges_base=True, load=_load_embedder,
-                          lora_task_type="FEATURE_EXTRACTION"),
+                          lora_task_type="FEATURE_EXTRACTION", builder_options=_prefixes),
 }
 
 

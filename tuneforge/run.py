@@ -169,7 +169,9 @@ def save_final(cfg: RunConfig, module: TrainModule, tokenizer, results: dict | N
 def prepare(cfg: RunConfig, tokenizer, **kwargs):
     """The run's data through its method's builder; rank 0 builds the token cache, the others then read it."""
     with dist.main_first():
-        return prepare_data(cfg, tokenizer, method_of(cfg).builder, **kwargs)
+        method = method_of(cfg)
+        options = method.builder_options(cfg) if method.builder_options else None
+        return prepare_data(cfg, tokenizer, method.builder, options=options, **kwargs)
 
 
 def frozen_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:

@@ -269,6 +269,17 @@ class ContrastiveSection(Section):
     """Learn the temperature (a log-scale parameter, its scale capped at 100 as in CLIP)."""
     symmetric: bool = False
     """Add the document -> query direction to the loss (each anchor's loss the mean of both)."""
+    score_margin: float | None = None
+    """Also mask, as a likely false negative, every candidate the model scores above the anchor's positive minus
+    this margin (cosine units; GISTEmbed's rule with the model as its own guide). None: mask by text only."""
+    query_prefix: str | None = None
+    """Put before every anchor (query), e.g. "query: " (E5) or an instruction; saved as the
+    sentence-transformers prompt "query"."""
+    document_prefix: str | None = None
+    """Put before every positive, negative and corpus text, e.g. "passage: "; saved as the prompt "document"."""
+    corpus: str | list[str] | None = None
+    """Extra retrieval candidates for held-out evaluation (and mining): text records (jsonl `text` field, or a
+    .txt file with data.text_split), added to the held-out positives, so retrieval ranks among distractors."""
 
 
 class RankSection(Section):

@@ -81,8 +81,11 @@ class Builder:
     role_names: tuple[str, ...] = ("text",)
     supervised = True
 
-    def __init__(self, tokenizer, data, writer, stats: BuildStats):
+    def __init__(self, tokenizer, data, writer, stats: BuildStats, options: dict | None = None):
+        """`options`: settings of the method's own config section that change the tokens (the method's
+        `builder_options`; part of the token cache's key)."""
         self.tok, self.data, self.writer, self.stats = tokenizer, data, writer, stats
+        self.options = dict(options or {})
 
     def _keep(self, ex) -> None:
         self.stats.add(ex)
@@ -95,8 +98,8 @@ class Builder:
 class TextBlocks(Builder):
     """Continued pre-training: documents joined by the document separator, cut into fixed-length blocks."""
 
-    def __init__(self, tokenizer, data, writer, stats):
-        super().__init__(tokenizer, data, writer, stats)
+    def __init__(self, tokenizer, data, writer, stats, options=None):
+        super().__init__(tokenizer, data, writer, stats, options)
         self.block, self.sep = data.max_length, document_separator(tokenizer, data.doc_separator)
         self.buffer: list[int] = []
 
@@ -210,29 +213,54 @@ def _cut_left(seq: TokenizedExample, cut: int) -> TokenizedExample:
 class PairBuilder(Builder):
     """Contrastive pairs for an embedder: each text tokenised as plain text (the tokenizer's own special
     tokens, e.g. [CLS]/[SEP]; no chat template), cut on the right to data.max_length. The loss mask is all
-    ones: pooling reads it. The texts are kept, to find false negatives (a negative equal to a positive)."""
+    ones: pooling reads it. The texts are kept, to find false negatives (a negative equal to a positive), with
+    the pair's `score` when it has one (held-out Spearman).
+
+    Options (the contrastive section): `query_prefix` is put before the anchor, `document_prefix` before the
+    positive and every negative (instruction prefixes such as E5's "query: " / "passage: "); the kept texts
+    are the records' own, without them.
+
+    A `text` record is an unsupervised SimCSE example (Gao et al. 2021): the text is its own positive, the
+    same tokens twice (two rows), so the two embeddings differ only by the dropout masks of the forward. Both
+    rows carry the document prefix: they must be the same input."""
 
     example_type = "example"
     role_names = ("anchor", "positive", "negative")
 
     def add(self, record) -> None:
+        if isinstance(record, TextRecord):
+            return self._add_text(record)
         rec = _expect(record, PairRecord, "pair")
-        texts = [("anchor", "anchor", rec.anchor), ("positive", "positive", rec.positive)]
-        texts += [("negative", f"negatives[{k}]", text) for k, text in enumerate(rec.negatives)]
-        seqs = [self._encode(rec, field, text) for _, field, text in texts]
-        roles = [self.role_names.index(role) for role, _, _ in texts]
+        query, document = self.options.get("query_prefix") or "", self.options.get("document_prefix") or ""
+        texts = [("anchor", "anchor", query, rec.anchor), ("positive", "positive", document, rec.positive)]
+        texts += [("negative", f"negatives[{k}]", document, text) for k, text in enumerate(rec.negatives)]
+        seqs = [self._encode(rec, field, prefix, text) for _, field, prefix, text in texts]
+        roles = [self.role_names.index(role) for role, _, _, _ in texts]
         kept = {"anchor": rec.anchor, "positive": rec.positive, "negatives": list(rec.negatives)}
+        if rec.score is not None:
+            kept["score"] = rec.score
         self._keep(Example(seqs, roles, self.role_names, kept, rec.source))
 
-    def _encode(self, rec, field: str, text: str) -> TokenizedExample:
+    def _add_text(self, rec: TextRecord) -> None:
+        seq = self._encode(rec, "text", self.options.get("document_prefix") or "", rec.text)
+        kept = {"anchor": rec.text, "positive": rec.text, "negatives": []}
+        self._keep(Example([seq, seq], [0, 1], self.role_names, kept, rec.source))
+
+    def _encode(self, rec, field: str, prefix: str, text: str) -> TokenizedExample:
         if not text.strip():
             raise _field_error(rec, field, "empty text")
-        ids = _encode(self.tok, text, add_special_tokens=True)
-        if len(ids) > self.data.max_length:
-            # the tokenizer's own truncation keeps its closing special token ([SEP])
-            ids = _encode(self.tok, text, add_special_tokens=True, truncation=True, max_length=self.data.max_length)
-            self.stats.truncated_right += 1
-        return TokenizedExample(list(ids), [1] * len(ids), rec.source)
+        ids, truncated = embedder_ids(self.tok, prefix + text, self.data.max_length)
+        self.stats.truncated_right += truncated
+        return TokenizedExample(ids, [1] * len(ids), rec.source, truncated=truncated)
+
+
+def embedder_ids(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
+    """(token ids, cut?) of one text as an embedder reads it: plain text with the tokenizer's own special tokens,
+    cut on the right to max_length by the tokenizer's own truncation (which keeps a closing [SEP])."""
+    ids = _encode(tokenizer, text, add_special_tokens=True)
+    if len(ids) <= max_length:
+        return list(ids), False
+    return list(_encode(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)), True
 
 
 class PromptBuilder(Builder):

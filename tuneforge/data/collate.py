@@ -8,6 +8,17 @@ from tuneforge.data.chat import TokenizedExample
 from tuneforge.data.example import Example
 
 
+def pad_rows(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (N, T) long: token id lists right-padded to the longest."""
+    longest = max((len(ids) for ids in sequences), default=0)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[row, :len(ids)] = 1
+    return input_ids, attention
+
+
 def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Returns input_ids, attention_mask and loss_mask, all (B, T).
 
@@ -17,16 +28,10 @@ def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
     """
     if isinstance(examples[0], Example):
         return collate_sequences(examples, pad_id)
-    longest = max(len(ex.input_ids) for ex in examples)
-    batch = len(examples)
-    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, longest), dtype=torch.long)
-    loss_mask = torch.zeros((batch, longest), dtype=torch.long)
+    input_ids, attention = pad_rows([ex.input_ids for ex in examples], pad_id)
+    loss_mask = torch.zeros_like(input_ids)
     for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        attention[row, :n] = 1
-        loss_mask[row, :n] = torch.tensor(ex.loss_mask, dtype=torch.long)
+        loss_mask[row, :len(ex.input_ids)] = torch.tensor(ex.loss_mask, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
@@ -60,17 +65,13 @@ def collate_sequences(examples: list[Example], pad_id: int) -> dict[str, torch.T
     order); `last_index` the flat index row * T + col of its last real token (reward heads, last-token pooling:
     found by position, never by token id)."""
     seqs = flat_sequences(examples)
-    longest = max(len(seq.input_ids) for seq, _, _ in seqs)
-    rows = len(seqs)
-    input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, longest), dtype=torch.long)
-    loss_mask = torch.zeros((rows, longest), dtype=torch.long)
+    input_ids, attention = pad_rows([seq.input_ids for seq, _, _ in seqs], pad_id)
+    rows, longest = input_ids.shape
+    loss_mask = torch.zeros_like(input_ids)
     sequence_ids = torch.full((rows, longest), -1, dtype=torch.long)
     lengths = []
     for row, (seq, _, _) in enumerate(seqs):
         n = len(seq.input_ids)
-        input_ids[row, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
-        attention[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(seq.loss_mask, dtype=torch.long)
         sequence_ids[row, :n] = row
         lengths.append(n)

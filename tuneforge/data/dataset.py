@@ -37,9 +37,10 @@ def _read(cfg, paths, skipped: list):
 
 
 def prepare_data(cfg, tokenizer, builder: str, cache_root: str | Path | None = None,
-                 rebuild: bool = False) -> PreparedData:
+                 rebuild: bool = False, options: dict | None = None) -> PreparedData:
     """Tokenise (or load from cache) the train and held-out splits described by `cfg.data`, through the data
-    builder named `builder` (a key of builders.BUILDERS; the caller's method decides which)."""
+    builder named `builder` (a key of builders.BUILDERS; the caller's method decides which) with the method's
+    builder `options` (settings outside cfg.data that change the tokens, such as contrastive prefixes)."""
     d = cfg.data
     if builder not in BUILDERS:
         raise ValueError(f"unknown data builder {builder!r}; known: {', '.join(BUILDERS)}")
@@ -47,7 +48,9 @@ def prepare_data(cfg, tokenizer, builder: str, cache_root: str | Path | None = N
         from tuneforge.errors import ConfigError
         raise ConfigError("no training data given", key="data.train")
     root = Path(cache_root or d.cache_dir or Path(cfg.train.output_dir).parent / ".tokcache")
+    options = dict(options or {})
     key = cache_key(builder=builder, data=d.model_dump(exclude={"cache_dir"}), seed=cfg.train.seed,
+                    **({"options": options} if options else {}),
                     tokenizer=tokenizer_fingerprint(tokenizer),
                     files=file_fingerprints(d.train) + file_fingerprints(d.eval))
     folder = root / key
@@ -66,14 +69,14 @@ def prepare_data(cfg, tokenizer, builder: str, cache_root: str | Path | None = N
     # The whole entry (train, eval, meta) is written in one temporary folder, fsynced and renamed into place:
     # a kill at any point leaves the previous entry or none, never a train split without its eval split.
     with atomic_dir(folder) as tmp:
-        meta_stats = _build(cfg, tokenizer, BUILDERS[builder], tmp, eval_records, skipped)
+        meta_stats = _build(cfg, tokenizer, BUILDERS[builder], tmp, eval_records, skipped, options)
         (tmp / "meta.json").write_text(json.dumps({"builder": builder, "stats": meta_stats}, indent=1))
     train = CachedExamples(folder / "train")
     ev = CachedExamples(folder / "eval")
     return PreparedData(train, ev if len(ev) else None, eval_records, meta_stats)
 
 
-def _build(cfg, tokenizer, make, entry: Path, eval_records: list, skipped: list) -> dict:
+def _build(cfg, tokenizer, make, entry: Path, eval_records: list, skipped: list, options: dict) -> dict:
     """Stream the records through the split and the builder class `make` into `entry`/train and `entry`/eval.
 
     Appends the held-out records of a fraction split to `eval_records`; returns the statistics."""
@@ -81,7 +84,7 @@ def _build(cfg, tokenizer, make, entry: Path, eval_records: list, skipped: list)
     eval_keys = {record_key(r) for r in eval_records}
     stats = {"train": BuildStats(), "eval": BuildStats()}
     writers = {s: CacheWriter(entry / s, make.example_type, make.role_names) for s in ("train", "eval")}
-    sinks = {s: make(tokenizer, d, writers[s], stats[s]) for s in writers}
+    sinks = {s: make(tokenizer, d, writers[s], stats[s], options) for s in writers}
     duplicates = 0
     for record in eval_records:
         sinks["eval"].add(record)

@@ -108,13 +108,14 @@ def mine_hard_negatives(anchor_emb: torch.Tensor, corpus_emb: torch.Tensor, posi
 def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) -> dict:
     """`tuneforge data mine-negatives`: the training pairs of `cfg` (a contrastive config) with k hard negatives
     each, mined with the config's model as it is (the base, before training) among all distinct training
-    positives, written as pair JSONL to `out_path` (atomically). Returns counts."""
+    positives and the documents of `contrastive.corpus`, written as pair JSONL to `out_path` (atomically); a
+    pair's score is kept. Returns counts."""
     import json
 
     from tuneforge.errors import ConfigError
     from tuneforge.fsutil import atomic_write_text
     from tuneforge.models.heads import TrainModule
-    from tuneforge.objectives.contrastive import embed_pairs, pair_corpus
+    from tuneforge.objectives.contrastive import corpus_documents, embed_ids, embed_pairs, pair_corpus
     from tuneforge.run import load_model_and_tokenizer, prepare, setup_runtime
     if cfg.method != "contrastive":
         raise ConfigError(f"mine-negatives needs a contrastive config (method: contrastive), not {cfg.method}",
@@ -124,14 +125,23 @@ def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) ->
     data = prepare(cfg, tokenizer)
     texts = [ex.texts for ex in data.train]
     anchors, positives = [t["anchor"] for t in texts], [t["positive"] for t in texts]
+    if any(a.strip() == p.strip() for a, p in zip(anchors, positives)):
+        raise ConfigError("mine-negatives needs pair records (anchor, positive): text records (SimCSE) have no "
+                          "positive to mine around", key="data.train")
     c = cfg.contrastive
-    anchor_emb, positive_emb = embed_pairs(TrainModule(model), list(data.train), tokenizer.pad_token_id, c.pooling,
-                                           c.normalize)
+    body = TrainModule(model)
+    anchor_emb, positive_emb = embed_pairs(body, list(data.train), tokenizer.pad_token_id, c.pooling, c.normalize)
     corpus, corpus_emb, relevant = pair_corpus(positive_emb, anchors, positives)
+    extra = corpus_documents(cfg, tokenizer)
+    keep = [] if extra is None else [i for i, t in enumerate(extra[0]) if t not in set(corpus)]
+    if keep:
+        vectors = embed_ids(body, [extra[1][i] for i in keep], tokenizer.pad_token_id, c.pooling, c.normalize)
+        corpus, corpus_emb = corpus + [extra[0][i] for i in keep], torch.cat([corpus_emb, vectors])
     positive_index = [next(iter(r)) for r in relevant]
     mined = mine_hard_negatives(anchor_emb, corpus_emb, positive_index, k, relative_margin, corpus, positives)
     lines = [json.dumps({"anchor": t["anchor"], "positive": t["positive"],
-                         "negatives": list(t["negatives"]) + [corpus[j] for j in found]}, ensure_ascii=False)
+                         "negatives": list(t["negatives"]) + [corpus[j] for j in found],
+                         **({"score": t["score"]} if "score" in t else {})}, ensure_ascii=False)
              for t, found in zip(texts, mined)]
     atomic_write_text(out_path, "".join(line + "\n" for line in lines))
     return {"pairs": len(lines), "corpus": len(corpus), "negatives": sum(len(m) for m in mined)}

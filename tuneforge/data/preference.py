@@ -14,11 +14,9 @@ their difference), says how much better the chosen answer is.
 
 from __future__ import annotations
 
-import math
-from typing import Any
 
 from tuneforge.data.records import (
-    Message, PreferenceRecord, Source, _err, _string, _type_name, message_list,
+    Message, PreferenceRecord, Source, _err, _string, _type_name, message_list, number_field,
 )
 
 
@@ -142,35 +140,17 @@ def _check_prompt(prompt: list[Message], src: Source, key: str, cols: dict) -> N
 
 # ------------------------------------------------------------------------------------------------------ margin
 
-def _number(obj: dict, key: str, src: Source, tabular: bool) -> float | None:
-    value: Any = obj.get(key)
-    if isinstance(value, str) and tabular:  # CSV/TSV cells are text
-        if not value.strip():
-            return None
-        try:
-            value = float(value)
-        except ValueError:
-            raise _err(src, key, f"expected a number, got {value!r}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _err(src, key, f"expected a number, got {_type_name(value)}")
-    if not math.isfinite(value):
-        raise _err(src, key, f"expected a finite number, got {value}")
-    return float(value)
-
-
 def _margin(obj: dict, src: Source, cols: dict, tabular: bool) -> float | None:
     """`margin` if given, else score_chosen - score_rejected if both are given, else None. Never negative:
     a pair whose own scores prefer the rejected answer is mislabelled, and training on it would teach the
     opposite of the label with extra weight."""
     mk, sck, srk = cols["margin"], cols["score_chosen"], cols["score_rejected"]
-    margin = _number(obj, mk, src, tabular)
+    margin = number_field(obj, mk, src, tabular)
     if margin is not None:
         if margin < 0:
             raise _err(src, mk, f"negative margin {margin}: the chosen answer must be the better one")
         return margin
-    chosen, rejected = _number(obj, sck, src, tabular), _number(obj, srk, src, tabular)
+    chosen, rejected = number_field(obj, sck, src, tabular), number_field(obj, srk, src, tabular)
     if chosen is None and rejected is None:
         return None
     if chosen is None or rejected is None:

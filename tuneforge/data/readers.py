@@ -36,7 +36,7 @@ FIELDS = {
     "instruction": ("instruction", "input", "output", "system"),
     "preference": ("prompt", "chosen", "rejected", "role", "content", "roles", "margin", "score_chosen",
                    "score_rejected"),
-    "pair": ("anchor", "positive", "negatives", "negative"),
+    "pair": ("anchor", "positive", "negatives", "negative", "score"),
     "prompt": ("prompt", "reference"),
 }
 # ShareGPT and Gemini spellings, so the common exports read without configuration; `fields["roles"]` adds more.

@@ -8,6 +8,7 @@ tokenisation or audit time, can still say where the record came from.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -89,6 +90,7 @@ class PairRecord:
     positive: str
     negatives: list[str] = field(default_factory=list)
     source: Source | None = None
+    score: float | None = None  # a graded similarity label (e.g. STS 0-5): held-out Spearman correlation
 
 
 @dataclass
@@ -152,6 +154,24 @@ def _string(obj: dict, key: str, src: Source, label: str | None = None, required
 def _missing(obj: dict, src: Source, label: str) -> DataError:
     present = ", ".join(map(str, list(obj)[:10])) or "none"  # usually a column-name mismatch: show what is there
     return _err(src, label, f"missing required field (present: {present})")
+
+
+def number_field(obj: dict, key: str, src: Source, tabular: bool) -> float | None:
+    value: Any = obj.get(key)
+    if isinstance(value, str) and tabular:  # CSV/TSV cells are text
+        if not value.strip():
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise _err(src, key, f"expected a number, got {value!r}") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(src, key, f"expected a number, got {_type_name(value)}")
+    if not math.isfinite(value):
+        raise _err(src, key, f"expected a finite number, got {value}")
+    return float(value)
 
 
 def _nonblank(value: str | None) -> str | None:
@@ -285,4 +305,5 @@ def _pair(obj: dict, src: Source, cols: dict, tabular: bool) -> PairRecord:
     for where, negative in named + ([(cols["negative"], single)] if single else []):
         if negative.strip() == positive.strip():  # it would be pushed away from the anchor and pulled to it
             raise _err(src, where, "a negative is the same text as the positive")
-    return PairRecord(anchor, positive, [*negatives, *([single] if single else [])], src)
+    score = number_field(obj, cols["score"], src, tabular)
+    return PairRecord(anchor, positive, [*negatives, *([single] if single else [])], src, score)

@@ -30,6 +30,8 @@ def record_key(record: Any) -> str:
             content.append([[m.role, m.content] for m in record.prompt_messages])
     elif isinstance(record, PairRecord):
         content = ["pair", record.anchor, record.positive, list(record.negatives)]
+        if record.score is not None:  # records without a score key as before
+            content.append(record.score)
     elif isinstance(record, PromptRecord):
         content = ["prompt", record.prompt, record.reference]
     else:

@@ -69,8 +69,9 @@ def _pooling_config(dim: int, mode: str) -> dict:
 
 
 def write_sentence_transformer_files(folder: Path, dim: int, pooling: str, normalize: bool,
-                                     max_length: int) -> None:
-    """The sentence-transformers module files around a transformers model folder (format of its 3.x-6.x)."""
+                                     max_length: int, prompts: dict[str, str] | None = None) -> None:
+    """The sentence-transformers module files around a transformers model folder (format of its 3.x-6.x).
+    `prompts` ({"query": prefix, "document": prefix}) are what `encode(..., prompt_name=...)` puts before a text."""
     folder = Path(folder)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
@@ -83,7 +84,7 @@ def write_sentence_transformer_files(folder: Path, dim: int, pooling: str, norma
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length,
                                                                   "do_lower_case": False}, indent=2))
     (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+        {"model_type": "SentenceTransformer", "prompts": dict(prompts or {}), "default_prompt_name": None,
          "similarity_fn_name": "cosine" if normalize else "dot"}, indent=2))
 
 
@@ -101,5 +102,7 @@ def save_embedder(cfg, module, tokenizer, folder: Path) -> None:
         plain = model
     plain.save_pretrained(folder, safe_serialization=True)
     c = cfg.contrastive
-    write_sentence_transformer_files(folder, plain.config.hidden_size, c.pooling, c.normalize, cfg.data.max_length)
+    prompts = {name: p for name, p in (("query", c.query_prefix), ("document", c.document_prefix)) if p}
+    write_sentence_transformer_files(folder, plain.config.hidden_size, c.pooling, c.normalize, cfg.data.max_length,
+                                     prompts)
 

@@ -17,7 +17,10 @@ respect to the weights is that of the full-update loss. Memory is that of one mi
 full-batch pass (tests/objectives/test_contrastive.py).
 
 Held-out evaluation adds retrieval over the held-out pairs (eval/retrieval.py): each anchor a query, the
-held-out positives (deduplicated) the corpus: recall@1/5/10, MRR@10, nDCG@10.
+held-out positives (deduplicated), plus the documents of `contrastive.corpus` when given, the candidates:
+recall@1/5/10, MRR@10, nDCG@10. SimCSE examples (text records: anchor and positive the same text) are left out
+of retrieval, which they would pass trivially. Pairs with a `score` also give `spearman`: Spearman's rank
+correlation between the score and the cosine similarity of anchor and positive (the STS benchmark's measure).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.retrieval import corpus_from_pairs, evaluate_retrieval
+from tuneforge.eval.retrieval import corpus_from_pairs, evaluate_retrieval, spearman
 from tuneforge.models.embedder import embed
 from tuneforge.train import distributed as dist
 from tuneforge.objectives.base import LossOutput, Objective
@@ -80,9 +84,13 @@ class ContrastiveObjective(Objective):
     unit = "pairs"
 
     def __init__(self, pooling: str = "mean", normalize: bool = True, temperature: float = 0.05,
-                 symmetric: bool = False, learn_temperature: bool = False):
+                 symmetric: bool = False, learn_temperature: bool = False, score_margin: float | None = None,
+                 corpus: tuple[list[str], list[list[int]]] | None = None, pad_id: int = 0):
+        """`corpus`: (texts, token ids) of extra held-out retrieval candidates (`contrastive_corpus`), embedded
+        at each evaluation with rows padded by `pad_id`."""
         self.pooling, self.normalize, self.symmetric = pooling, normalize, symmetric
-        self.temperature, self.learn_temperature = temperature, learn_temperature
+        self.temperature, self.learn_temperature, self.score_margin = temperature, learn_temperature, score_margin
+        self.corpus, self.pad_id = corpus, pad_id
         self._cache: dict[int, tuple] = {}
 
     def _learned(self, tm):
@@ -101,7 +109,8 @@ class ContrastiveObjective(Objective):
         candidates = torch.cat([positives, negatives])  # (B + N, H): positives first, then hard negatives
         index = list(range(anchors.shape[0]))
         mask = false_negative_mask(texts[0], texts[1] + texts[2], index)
-        return info_nce(anchors, candidates, index, temperature, mask=mask, symmetric=self.symmetric)
+        return info_nce(anchors, candidates, index, temperature, mask=mask, symmetric=self.symmetric,
+                        score_margin=self.score_margin)
 
     @staticmethod
     def _metrics(terms) -> dict:
@@ -177,9 +186,10 @@ class ContrastiveObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, module, batches, autocast) -> dict:
-        """Held-out loss (in-batch negatives of each evaluation batch) and retrieval over all held-out pairs."""
+        """Held-out loss (in-batch negatives of each evaluation batch), retrieval over all held-out pairs (and the
+        corpus), Spearman of scored pairs (module docstring)."""
         totals = {"loss": [0.0, 0.0]}
-        anchors, positives, anchor_texts, positive_texts = [], [], [], []
+        anchors, positives, anchor_texts, positive_texts, scores = [], [], [], [], []
         for batch in batches:
             with autocast():
                 p = self._parts(module, batch)
@@ -193,10 +203,35 @@ class ContrastiveObjective(Objective):
             positives.append(p.positives.float())
             anchor_texts += p.texts[0]
             positive_texts += p.texts[1]
+            scores += [t.get("score") for t in batch["texts"]]
         out = {k: tuple(v) for k, v in totals.items()}
-        if anchor_texts:
-            out.update(retrieval_sums(torch.cat(anchors), torch.cat(positives), anchor_texts, positive_texts))
+        if not anchor_texts:
+            return out
+        anchors, positives = torch.cat(anchors), torch.cat(positives)
+        paired = [i for i, (a, b) in enumerate(zip(anchor_texts, positive_texts)) if a.strip() != b.strip()]
+        if paired:  # SimCSE examples (a text its own positive) would find themselves trivially
+            extra = None
+            if self.corpus is not None and self.corpus[0]:
+                extra = (self.corpus[0], embed_ids(module, self.corpus[1], self.pad_id, self.pooling,
+                                                   self.normalize, autocast=autocast))
+            out.update(retrieval_sums(anchors[paired], positives[paired], [anchor_texts[i] for i in paired],
+                                      [positive_texts[i] for i in paired], extra))
+        out.update(spearman_sums(anchors, positives, scores))
         return out
+
+
+def spearman_sums(anchors: torch.Tensor, positives: torch.Tensor, scores: list) -> dict:
+    """{"spearman": (rho x n, n)} over the n pairs that carry a score (rank correlation of the score with the
+    cosine similarity of anchor and positive); {} when fewer than 2 pairs carry one or they are all equal."""
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    labels = [float(scores[i]) for i in scored]
+    if len(scored) < 2 or min(labels) == max(labels):
+        return {}
+    cosine = F.cosine_similarity(anchors[scored].double(), positives[scored].double(), dim=-1).tolist()
+    if min(cosine) == max(cosine):  # an embedder that maps every text to one vector ranks nothing
+        return {"spearman": (0.0, float(len(scored)))}
+    n = float(len(scored))
+    return {"spearman": (spearman(cosine, labels) * n, n)}
 
 
 def pair_corpus(positives: torch.Tensor, anchor_texts: list[str], positive_texts: list[str]):
@@ -210,40 +245,75 @@ def pair_corpus(positives: torch.Tensor, anchor_texts: list[str], positive_texts
 
 
 def retrieval_sums(anchors: torch.Tensor, positives: torch.Tensor, anchor_texts: list[str],
-                   positive_texts: list[str]) -> dict:
-    """Retrieval metrics of anchors (Q, H) against the deduplicated positives, as (value x Q, Q) pairs."""
-    _, corpus, relevant = pair_corpus(positives, anchor_texts, positive_texts)
+                   positive_texts: list[str], extra: tuple[list[str], torch.Tensor] | None = None) -> dict:
+    """Retrieval metrics of anchors (Q, H) against the deduplicated positives, plus the `extra` (texts, vectors)
+    candidates whose text is none of the positives', as (value x Q, Q) pairs."""
+    texts, corpus, relevant = pair_corpus(positives, anchor_texts, positive_texts)
+    if extra is not None:
+        known = set(texts)
+        keep = [i for i, t in enumerate(extra[0]) if t.strip() not in known]
+        corpus = torch.cat([corpus, extra[1][keep].to(corpus)])
     metrics = evaluate_retrieval(anchors, corpus, relevant)
     q = float(anchors.shape[0])
     return {k: (v * q, q) for k, v in metrics.items() if k not in ("queries", "corpus")}
 
 
 @torch.no_grad()
-def embed_pairs(module, examples: list, pad_id: int, pooling: str, normalize: bool, batch_size: int = 32):
-    """(anchors (E, H), positives (E, H)) of pair examples as the builder tokenised them, in eval mode."""
-    from tuneforge.data.collate import collate_sequences
-    from tuneforge.data.example import Example
+def embed_ids(module, sequences: list[list[int]], pad_id: int, pooling: str, normalize: bool, batch_size: int = 32,
+              autocast=contextlib.nullcontext) -> torch.Tensor:
+    """(N, H) float32 embeddings on the CPU of token id lists (as the pair builder tokenised them), in eval mode,
+    `batch_size` rows at a time."""
+    from tuneforge.data.collate import pad_rows
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    anchors, positives = [], []
+    out = []
     try:
-        for i in range(0, len(examples), batch_size):
-            pairs = [Example([ex["anchor"], ex["positive"]], [ANCHOR, POSITIVE], ex.role_names, ex.texts)
-                     for ex in examples[i:i + batch_size]]  # the negatives are not needed
-            batch = collate_sequences(pairs, pad_id)
-            vectors = embed(module, {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}, pooling,
-                            normalize).cpu()
-            anchors.append(vectors[batch["sequence_role"] == ANCHOR])
-            positives.append(vectors[batch["sequence_role"] == POSITIVE])
+        for i in range(0, len(sequences), batch_size):
+            ids, mask = pad_rows(sequences[i:i + batch_size], pad_id)
+            with autocast():
+                out.append(embed(module, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, pooling,
+                                 normalize).float().cpu())
     finally:
         module.train(was_training)
-    return torch.cat(anchors), torch.cat(positives)
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def make_contrastive(cfg) -> ContrastiveObjective:
+def embed_pairs(module, examples: list, pad_id: int, pooling: str, normalize: bool, batch_size: int = 32):
+    """(anchors (E, H), positives (E, H)) of pair examples as the builder tokenised them, in eval mode."""
+    anchors = [list(ex["anchor"].input_ids) for ex in examples]
+    positives = [list(ex["positive"].input_ids) for ex in examples]
+    vectors = embed_ids(module, anchors + positives, pad_id, pooling, normalize, batch_size)
+    return vectors[:len(examples)], vectors[len(examples):]
+
+
+def corpus_documents(cfg, tokenizer) -> tuple[list[str], list[list[int]]] | None:
+    """(texts, token ids) of `contrastive.corpus`: its text records, stripped and deduplicated, each tokenised as
+    a document (document prefix, data.max_length); None without a corpus. Bad records fail (or are skipped, with
+    data.on_error: skip) with file, line and field."""
+    from tuneforge.data.builders import embedder_ids
+    from tuneforge.data.readers import iter_records
+    c, d = cfg.contrastive, cfg.data
+    if not c.corpus:
+        return None
+    texts, seen = [], set()
+    for record in iter_records(c.corpus, kind="text", on_error=d.on_error, text_split=d.text_split):
+        text = record.text.strip()
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
+    if not texts:
+        raise TuneforgeError(f"contrastive.corpus {c.corpus} holds no text")
+    prefix = c.document_prefix or ""
+    return texts, [embedder_ids(tokenizer, prefix + t, d.max_length)[0] for t in texts]
+
+
+def make_contrastive(cfg, tokenizer=None) -> ContrastiveObjective:
     c = cfg.contrastive
-    return ContrastiveObjective(c.pooling, c.normalize, c.temperature, c.symmetric, c.learn_temperature)
+    corpus = corpus_documents(cfg, tokenizer) if tokenizer is not None else None
+    pad = tokenizer.pad_token_id if tokenizer is not None else 0
+    return ContrastiveObjective(c.pooling, c.normalize, c.temperature, c.symmetric, c.learn_temperature,
+                                c.score_margin, corpus, pad)
 
 
 def temperature_heads(cfg, model) -> dict:
