@@ -300,3 +300,121 @@ def test_score_margin_reaches_the_loss(tmp_path, tokenizer, bert_dir):
     plain = ContrastiveObjective(temperature=0.1).loss(module, batch).loss_sum
     # an untrained model scores many negatives above the positives: masking them lowers the loss
     assert float(guided) < float(plain)
+
+
+# -- padding-free batches for decoders ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tuneforge.models.tiny import make_tiny_model_dir
+    return make_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def _decoder(llama_dir, attention="varlen"):
+    from tuneforge.models.embedder import load_embedder
+    cfg = config_from_dict({"method": "contrastive", "model": {"name": str(llama_dir)}, "data": {"train": "x"}})
+    model, tok = load_embedder(cfg)
+    if attention != "varlen":
+        model.set_attn_implementation(attention)
+    return TrainModule(model), tok
+
+
+def _grads(module, objective, batches):
+    module.zero_grad(set_to_none=True)
+    totals = accumulate_update(module, objective, batches, NONE)
+    return totals, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_a_decoder_body_gets_varlen_attention_and_packed_batches_only_there(llama_dir, bert_dir):
+    from tuneforge.errors import ConfigError
+    from tuneforge.models.attention import NAME
+    from tuneforge.models.embedder import embedding_layout
+    decoder, _ = _decoder(llama_dir)
+    assert decoder.base.config._attn_implementation == NAME
+    assert embedding_layout(decoder, "auto") == "sorted" and embedding_layout(decoder, True) == "packed"
+    assert embedding_layout(decoder, False) == "padded"
+    encoder = _module(bert_dir)
+    assert embedding_layout(encoder, "auto") == "sorted" and embedding_layout(encoder, False) == "padded"
+    with pytest.raises(ConfigError, match="data.packing"):
+        embedding_layout(encoder, True)
+
+
+def _uneven_examples(tmp_path, tok, n=20):
+    rows = [{"anchor": f"question {i} " + "word " * (i * 3 % 17), "positive": f"answer {i}",
+             "negatives": [f"answer {i + 1} " + "x " * (i % 5)]} for i in range(n)]
+    return _build(tok, _records(tmp_path, rows))
+
+
+def _same_update(module, tok, examples, layouts):
+    """Every layout's embeddings, loss and gradients (direct and cached) equal the padded batch's."""
+    batch = _batch(tok, examples)
+    assert bool((batch["attention_mask"] == 0).any())  # there is padding to save
+    pooling = "last"
+    with torch.no_grad():
+        padded = embed(module, batch, pooling, True, layout="padded")
+        for layout in layouts:
+            torch.testing.assert_close(embed(module, batch, pooling, True, layout=layout), padded, rtol=1e-5,
+                                       atol=1e-5, msg=layout)
+    half = len(examples) // 2
+    for batches in ([batch], [_batch(tok, examples[:half]), _batch(tok, examples[half:])]):  # direct and cached
+        loss_a, g_a = _grads(module, ContrastiveObjective(pooling, packing=False), batches)
+        for setting in {"sorted": "auto", "packed": True}.keys() & set(layouts):
+            loss_b, g_b = _grads(module, ContrastiveObjective(pooling, packing={"sorted": "auto",
+                                                                                "packed": True}[setting]), batches)
+            assert abs(loss_a.loss_sum - loss_b.loss_sum) < 1e-5 * max(1.0, abs(loss_a.loss_sum))
+            assert g_a.keys() == g_b.keys() and g_a
+            for name in g_a:
+                torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-4, atol=5e-5)  # summation order
+
+
+def test_sorted_and_packed_layouts_equal_the_padded_batch_for_a_decoder(tmp_path, llama_dir):
+    module, tok = _decoder(llama_dir)
+    module.train()
+    _same_update(module, tok, _uneven_examples(tmp_path, tok), ("sorted", "packed"))
+
+
+def test_the_sorted_layout_equals_the_padded_batch_for_an_encoder(tmp_path, bert_dir, tokenizer):
+    from tuneforge.models.load import load_embedding_model
+    model, _ = load_embedding_model(bert_dir)
+    for m in model.modules():  # dropout off: the layouts draw their masks in another order
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    module = TrainModule(model).train()
+    _same_update(module, tokenizer, _uneven_examples(tmp_path, tokenizer), ("sorted",))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_every_pooling_reads_the_same_tokens_in_every_layout(tmp_path, llama_dir, pooling):
+    module, tok = _decoder(llama_dir)
+    module.eval()
+    batch = _batch(tok, _uneven_examples(tmp_path, tok, n=6))
+    with torch.no_grad():
+        padded = embed(module, batch, pooling, False, layout="padded")
+        for layout in ("sorted", "packed"):
+            torch.testing.assert_close(embed(module, batch, pooling, False, layout=layout), padded, rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_layouts_run_one_forward_of_the_train_module(tmp_path, llama_dir, monkeypatch):
+    from tuneforge.models.embedder import CHUNK_ROWS
+    module, tok = _decoder(llama_dir)
+    body_calls, module_calls = [], []
+    body = module.body()
+    original = body.forward
+
+    def recording(*args, **kwargs):
+        body_calls.append((tuple(kwargs["input_ids"].shape), kwargs.get("attention_mask") is None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(body, "forward", recording)
+    module.register_forward_hook(lambda *a: module_calls.append(1))
+    examples = _uneven_examples(tmp_path, tok, n=12)  # 36 sequences: 3 chunks of 16, 16 and 4
+    batch = _batch(tok, examples)
+    lengths = batch["attention_mask"].sum(1)
+    ContrastiveObjective("last", packing=True).loss(module, batch)
+    assert body_calls == [((1, int(lengths.sum())), True)] and module_calls == [1]
+    body_calls.clear()
+    ContrastiveObjective("last", packing="auto").loss(module, batch)
+    assert len(module_calls) == 2 and len(body_calls) == -(-36 // CHUNK_ROWS)
+    assert sum(rows for (rows, _), _ in body_calls) == 36
+    assert sum(rows * width for (rows, width), _ in body_calls) < batch["attention_mask"].numel()

@@ -130,12 +130,14 @@ def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) ->
                           "positive to mine around", key="data.train")
     c = cfg.contrastive
     body = TrainModule(model)
-    anchor_emb, positive_emb = embed_pairs(body, list(data.train), tokenizer.pad_token_id, c.pooling, c.normalize)
+    anchor_emb, positive_emb = embed_pairs(body, list(data.train), tokenizer.pad_token_id, c.pooling, c.normalize,
+                                           packing=cfg.data.packing)
     corpus, corpus_emb, relevant = pair_corpus(positive_emb, anchors, positives)
     extra = corpus_documents(cfg, tokenizer)
     keep = [] if extra is None else [i for i, t in enumerate(extra[0]) if t not in set(corpus)]
     if keep:
-        vectors = embed_ids(body, [extra[1][i] for i in keep], tokenizer.pad_token_id, c.pooling, c.normalize)
+        vectors = embed_ids(body, [extra[1][i] for i in keep], tokenizer.pad_token_id, c.pooling, c.normalize,
+                            packing=cfg.data.packing)
         corpus, corpus_emb = corpus + [extra[0][i] for i in keep], torch.cat([corpus_emb, vectors])
     positive_index = [next(iter(r)) for r in relevant]
     mined = mine_hard_negatives(anchor_emb, corpus_emb, positive_index, k, relative_margin, corpus, positives)

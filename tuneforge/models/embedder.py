@@ -5,6 +5,12 @@ LLM body (e.g. SmolLM2) whose final hidden states are pooled into one vector per
   token, found by position from the attention mask, never by token id, so right padding is safe for decoders).
 - Optional L2 normalisation (`contrastive.normalize`): then a dot product is the cosine similarity.
 - Pooling runs inside the TrainModule's forward (models/heads.py `head_fn`), so a data-parallel wrapper sees it.
+- Less padding (`embedding_layout`, from data.packing). By default ("sorted") the rows of a batch are sorted by
+  length and embedded CHUNK_ROWS at a time, each chunk cut to its own longest text, inside one forward of the
+  TrainModule (so data parallelism sees one forward); encoders and decoders alike. With data.packing: true,
+  decoder bodies under tuneforge_varlen attention (llama, qwen2, qwen3) lay the real tokens of every row end to
+  end in one row, position ids restarting at 0 per text, and attention runs per text (models/attention.py): no
+  padding at all. Every layout gives the padded batch's vectors (tested to 1e-5 in float32).
 - Saved as a sentence-transformers folder (`save_embedder`): the transformers model and tokenizer at
   the top (so `transformers.AutoModel` loads it too) plus modules.json, 1_Pooling/ and, when normalised,
   2_Normalize/, which `sentence_transformers.SentenceTransformer(path)` reads. Under LoRA the adapter is saved
@@ -38,17 +44,73 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     raise ValueError(f"unknown pooling {mode!r}; use one of {', '.join(POOLING)}")
 
 
-def embed(module, batch: dict, pooling: str, normalize: bool, extra=None):
+def pool_packed(hidden: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """(S, H) sentence vectors from the hidden states (N, H) of S texts laid end to end, `lengths` (S,) tokens each."""
+    ends = lengths.cumsum(0)
+    if mode == "mean":
+        segment = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
+        sums = hidden.new_zeros(lengths.shape[0], hidden.shape[-1]).index_add_(0, segment, hidden)
+        return sums / lengths.clamp(min=1).unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[ends - lengths]
+    if mode == "last":
+        return hidden[ends - 1]
+    raise ValueError(f"unknown pooling {mode!r}; use one of {', '.join(POOLING)}")
+
+
+CHUNK_ROWS = 16  # rows per length-sorted chunk (measured on a 2-core CPU: see BENCHMARKS.md, padding-free batches)
+LAYOUTS = ("padded", "sorted", "packed")
+
+
+def embedding_layout(module, setting) -> str:
+    """How `embed` lays out a batch, from data.packing: `auto` (default) "sorted", False "padded", True "packed"
+    (only under tuneforge_varlen attention, the one attention that isolates texts by position ids: an encoder's
+    bidirectional attention would mix them; a ConfigError otherwise)."""
+    if setting is False:
+        return "padded"
+    if setting is not True:
+        return "sorted"
+    from tuneforge.models.attention import NAME, is_varlen
+    from tuneforge.objectives.functional import unwrap
+    if not is_varlen(unwrap(module)):
+        from tuneforge.errors import ConfigError
+        attention = getattr(getattr(unwrap(module), "config", None), "_attn_implementation", None)
+        raise ConfigError(f"packed (padding-free) embedding batches need {NAME} attention (llama, qwen2, qwen3 "
+                          f"decoders); this model runs {attention!r}: set data.packing to auto or false",
+                          key="data.packing")
+    return "packed"
+
+
+def length_chunks(lengths: torch.Tensor, rows: int = CHUNK_ROWS) -> list[tuple[torch.Tensor, int]]:
+    """[(row indices, longest length), ...]: the rows sorted by length (stable), `rows` at a time."""
+    order = torch.argsort(lengths, stable=True)
+    return [(chunk, int(lengths[chunk].max())) for chunk in order.split(rows)]
+
+
+def embed(module, batch: dict, pooling: str, normalize: bool, extra=None, layout: str = "padded"):
     """(S, H) float32 embeddings of every sequence (row) of a padded batch, pooled inside the module's forward;
     with `extra(train_module)`, (embeddings, its result), also computed inside the forward (a learned temperature:
-    a parameter that a data-parallel wrapper must see used)."""
+    a parameter that a data-parallel wrapper must see used). `layout` (`embedding_layout`): "padded" rows as they
+    are; "sorted": rows of similar length together, each chunk cut to its longest (module docstring); "packed":
+    one padding-free row."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown embedding layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    mask = batch["attention_mask"]
+    lengths = mask.long().sum(1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
+    if layout == "packed":
+        inputs = {"input_ids": batch["input_ids"][mask.bool()].unsqueeze(0),  # right padding: row by row
+                  "attention_mask": None,
+                  "position_ids": torch.cat([torch.arange(int(n), device=mask.device) for n in lengths]).unsqueeze(0)}
+    elif layout == "sorted":
+        inputs["row_chunks"] = length_chunks(lengths)
 
     def head_fn(hidden, tm):
-        vectors = pool(hidden, batch["attention_mask"], pooling).float()
-        vectors = F.normalize(vectors, dim=-1) if normalize else vectors
+        vectors = (pool_packed(hidden[0], lengths, pooling) if layout == "packed" else pool(hidden, mask, pooling))
+        vectors = F.normalize(vectors.float(), dim=-1) if normalize else vectors.float()
         return vectors if extra is None else (vectors, extra(tm))
 
-    return forward(module, {k: batch[k] for k in ("input_ids", "attention_mask")}, head_fn)
+    return forward(module, inputs, head_fn)
 
 
 def load_embedder(cfg, device=None):
@@ -56,6 +118,14 @@ def load_embedder(cfg, device=None):
     from tuneforge.models.load import load_embedding_model
     model, tokenizer = load_embedding_model(cfg.model.name, dtype=cfg.model.dtype,
                                             trust_remote_code=cfg.model.trust_remote_code)
+    from tuneforge.models.attention import NAME, register, supports_varlen
+    wanted = cfg.model.attn_implementation
+    # a decoder body that tuneforge_varlen computes exactly gets it: right padding without a mask, and the
+    # padding-free layout on request (`embedding_layout`)
+    if wanted == NAME or (wanted is None and supports_varlen(model.config)):
+        model.set_attn_implementation(register())
+    elif wanted is not None:
+        model.set_attn_implementation(wanted)
     if device is not None:
         model.to(device)
     return model, tokenizer

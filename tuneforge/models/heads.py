@@ -60,11 +60,28 @@ class TrainModule(nn.Module):
         return base.get_decoder() if hasattr(base, "get_decoder") else base
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, *, head_fn: Callable | None = None):
-        out = self.body()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
-        hidden = out.last_hidden_state  # (B, T, H)
+                position_ids: torch.Tensor | None = None, *, head_fn: Callable | None = None,
+                row_chunks: list[tuple[torch.Tensor, int]] | None = None):
+        """`row_chunks` [(row indices, length), ...] covering every row once: the body runs on each chunk's rows
+        cut to `length` columns (right-padded rows of similar lengths: less padding computed), and the hidden
+        states are laid back as one (B, T, H) tensor (zeros past each chunk's length), all in this one forward."""
+        if row_chunks is None:
+            hidden = self._body_states(input_ids, attention_mask, position_ids)  # (B, T, H)
+        else:
+            width = input_ids.shape[1]
+            parts, order = [], []
+            for rows, length in row_chunks:
+                h = self._body_states(input_ids[rows, :length], attention_mask[rows, :length], None)
+                parts.append(torch.nn.functional.pad(h, (0, 0, 0, width - length)))
+                order.append(rows)
+            inverse = torch.empty_like(torch.cat(order))
+            inverse[torch.cat(order)] = torch.arange(inverse.shape[0], device=inverse.device)
+            hidden = torch.cat(parts)[inverse]
         return hidden if head_fn is None else head_fn(hidden, self)
+
+    def _body_states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        return self.body()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
 
 
 def as_train_module(model) -> nn.Module:

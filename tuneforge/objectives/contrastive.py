@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.eval.retrieval import corpus_from_pairs, evaluate_retrieval, spearman
-from tuneforge.models.embedder import embed
+from tuneforge.models.embedder import embed, embedding_layout
 from tuneforge.train import distributed as dist
 from tuneforge.objectives.base import LossOutput, Objective
 from tuneforge.objectives.contrastive_losses import LearnedTemperature, false_negative_mask, info_nce
@@ -85,12 +85,14 @@ class ContrastiveObjective(Objective):
 
     def __init__(self, pooling: str = "mean", normalize: bool = True, temperature: float = 0.05,
                  symmetric: bool = False, learn_temperature: bool = False, score_margin: float | None = None,
-                 corpus: tuple[list[str], list[list[int]]] | None = None, pad_id: int = 0):
+                 corpus: tuple[list[str], list[list[int]]] | None = None, pad_id: int = 0,
+                 packing: bool | str = "auto"):
         """`corpus`: (texts, token ids) of extra held-out retrieval candidates (`contrastive_corpus`), embedded
-        at each evaluation with rows padded by `pad_id`."""
+        at each evaluation with rows padded by `pad_id`. `packing` (data.packing): padding-free batches where the
+        attention allows (models/embedder.py `embedding_layout`)."""
         self.pooling, self.normalize, self.symmetric = pooling, normalize, symmetric
         self.temperature, self.learn_temperature, self.score_margin = temperature, learn_temperature, score_margin
-        self.corpus, self.pad_id = corpus, pad_id
+        self.corpus, self.pad_id, self.packing = corpus, pad_id, packing
         self._cache: dict[int, tuple] = {}
 
     def _learned(self, tm):
@@ -100,9 +102,10 @@ class ContrastiveObjective(Objective):
         return tm.heads[TEMPERATURE_HEAD]()
 
     def _parts(self, module, batch: dict) -> _Parts:
+        layout = embedding_layout(module, self.packing)
         if not self.learn_temperature:
-            return _Parts(batch, embed(module, batch, self.pooling, self.normalize), self.temperature)
-        vectors, temperature = embed(module, batch, self.pooling, self.normalize, extra=self._learned)
+            return _Parts(batch, embed(module, batch, self.pooling, self.normalize, layout=layout), self.temperature)
+        vectors, temperature = embed(module, batch, self.pooling, self.normalize, extra=self._learned, layout=layout)
         return _Parts(batch, vectors, temperature)
 
     def _terms(self, anchors, positives, negatives, texts, temperature):
@@ -213,7 +216,7 @@ class ContrastiveObjective(Objective):
             extra = None
             if self.corpus is not None and self.corpus[0]:
                 extra = (self.corpus[0], embed_ids(module, self.corpus[1], self.pad_id, self.pooling,
-                                                   self.normalize, autocast=autocast))
+                                                   self.normalize, autocast=autocast, packing=self.packing))
             out.update(retrieval_sums(anchors[paired], positives[paired], [anchor_texts[i] for i in paired],
                                       [positive_texts[i] for i in paired], extra))
         out.update(spearman_sums(anchors, positives, scores))
@@ -260,30 +263,32 @@ def retrieval_sums(anchors: torch.Tensor, positives: torch.Tensor, anchor_texts:
 
 @torch.no_grad()
 def embed_ids(module, sequences: list[list[int]], pad_id: int, pooling: str, normalize: bool, batch_size: int = 32,
-              autocast=contextlib.nullcontext) -> torch.Tensor:
+              autocast=contextlib.nullcontext, packing: bool | str = "auto") -> torch.Tensor:
     """(N, H) float32 embeddings on the CPU of token id lists (as the pair builder tokenised them), in eval mode,
-    `batch_size` rows at a time."""
+    `batch_size` rows at a time (padding-free where `packing` and the attention allow)."""
     from tuneforge.data.collate import pad_rows
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
+    layout = embedding_layout(module, packing)
     out = []
     try:
         for i in range(0, len(sequences), batch_size):
             ids, mask = pad_rows(sequences[i:i + batch_size], pad_id)
             with autocast():
                 out.append(embed(module, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, pooling,
-                                 normalize).float().cpu())
+                                 normalize, layout=layout).float().cpu())
     finally:
         module.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def embed_pairs(module, examples: list, pad_id: int, pooling: str, normalize: bool, batch_size: int = 32):
+def embed_pairs(module, examples: list, pad_id: int, pooling: str, normalize: bool, batch_size: int = 32,
+                packing: bool | str = "auto"):
     """(anchors (E, H), positives (E, H)) of pair examples as the builder tokenised them, in eval mode."""
     anchors = [list(ex["anchor"].input_ids) for ex in examples]
     positives = [list(ex["positive"].input_ids) for ex in examples]
-    vectors = embed_ids(module, anchors + positives, pad_id, pooling, normalize, batch_size)
+    vectors = embed_ids(module, anchors + positives, pad_id, pooling, normalize, batch_size, packing=packing)
     return vectors[:len(examples)], vectors[len(examples):]
 
 
@@ -313,7 +318,7 @@ def make_contrastive(cfg, tokenizer=None) -> ContrastiveObjective:
     corpus = corpus_documents(cfg, tokenizer) if tokenizer is not None else None
     pad = tokenizer.pad_token_id if tokenizer is not None else 0
     return ContrastiveObjective(c.pooling, c.normalize, c.temperature, c.symmetric, c.learn_temperature,
-                                c.score_margin, corpus, pad)
+                                c.score_margin, corpus, pad, cfg.data.packing)
 
 
 def temperature_heads(cfg, model) -> dict:

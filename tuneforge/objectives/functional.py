@@ -39,8 +39,9 @@ def forward(module, batch: dict, head_fn):
                                  f"{NAME} attention computes right; the model runs "
                                  f"{getattr(unwrap(module).config, '_attn_implementation', None)!r}: collate "
                                  f"with share_prompt=False (run.py batching decides it from the attention)")
+    extra = {"row_chunks": batch["row_chunks"]} if batch.get("row_chunks") is not None else {}
     return as_train_module(module)(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
-                                   head_fn=head_fn)
+                                   head_fn=head_fn, **extra)
 
 
 def hidden_states(module, batch: dict) -> torch.Tensor:
