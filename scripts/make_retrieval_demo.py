@@ -13,6 +13,8 @@ Not the machine's man pages nor Python's pydoc_data: those are kept for independ
 
     python scripts/make_retrieval_demo.py          # writes examples/retrieval_demo/train.jsonl and eval.jsonl
     python scripts/make_retrieval_demo.py --out DIR --seed 7
+    python scripts/make_retrieval_demo.py --large  # more torch modules and numpy's: about 1,200 training pairs,
+                                                   # in examples/retrieval_bench (the contrastive benchmark's data)
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from pathlib import Path
 
 MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.optim", "torch.linalg", "torch.fft",
            "torch.special", "torch.distributions", "torch.utils.data", "torch.autograd")
+# --large: also these (torch's and numpy's own docstrings; numpy comes with torch), for batches of 1024 pairs
+LARGE_MODULES = ("torch.nn.init", "torch.nn.utils", "torch.distributed", "torch.sparse", "torch.nested", "torch.func",
+                 "torch.testing", "torch.profiler", "torch.amp", "torch.optim.lr_scheduler", "torch.utils.checkpoint",
+                 "torch.jit", "torch.onnx", "torch.export", "torch.cuda", "torch.backends.cudnn", "torch.masked",
+                 "torch.signal.windows", "numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.ma",
+                 "numpy.polynomial")
 SEED = 1234
 EVAL_SHARE = 0.2
 MAX_DOC_CHARS = 400
@@ -39,9 +47,9 @@ def _prose(text: str) -> str:
     return " ".join(text.split())
 
 
-def pairs() -> list[dict]:
+def pairs(modules=MODULES) -> list[dict]:
     out, seen_objects, seen_text = [], set(), set()
-    for module_name in MODULES:
+    for module_name in modules:
         module = importlib.import_module(module_name)
         for name in sorted(dir(module)):
             obj = getattr(module, name, None)
@@ -64,10 +72,15 @@ def pairs() -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples/retrieval_demo")
+    ap.add_argument("--out", default=None, help="default examples/retrieval_demo (--large: examples/retrieval_bench)")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--large", action="store_true", help="more modules: about 1,500 pairs in all")
     args = ap.parse_args()
-    rows = pairs()
+    args.out = args.out or ("examples/retrieval_bench" if args.large else "examples/retrieval_demo")
+    if args.large:
+        import warnings
+        warnings.filterwarnings("ignore")  # some modules warn on import (deprecations), which says nothing here
+    rows = pairs(MODULES + LARGE_MODULES if args.large else MODULES)
     random.Random(args.seed).shuffle(rows)
     n_eval = int(len(rows) * EVAL_SHARE)
     out = Path(args.out)
@@ -76,9 +89,10 @@ def main() -> None:
         with open(out / name, "w", encoding="utf-8") as f:
             for row in part:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    import numpy
     import torch
-    print(f"{len(rows) - n_eval} training and {n_eval} held-out pairs from torch {torch.__version__} docstrings "
-          f"-> {out}")
+    print(f"{len(rows) - n_eval} training and {n_eval} held-out pairs from torch {torch.__version__} "
+          f"{f'and numpy {numpy.__version__} ' if args.large else ''}docstrings -> {out}")
 
 
 if __name__ == "__main__":
