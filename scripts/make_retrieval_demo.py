@@ -48,14 +48,15 @@ def _prose(text: str) -> str:
 
 
 def pairs(modules=MODULES) -> list[dict]:
-    out, seen_objects, seen_text = [], set(), set()
+    out, seen_text = [], set()
+    seen_objects: dict[int, object] = {}  # id -> the object itself, kept alive so that no id is reused
     for module_name in modules:
         module = importlib.import_module(module_name)
         for name in sorted(dir(module)):
             obj = getattr(module, name, None)
             if name.startswith("_") or not callable(obj) or id(obj) in seen_objects:
                 continue
-            seen_objects.add(id(obj))
+            seen_objects[id(obj)] = obj
             doc = inspect.getdoc(obj)
             paragraphs = [p.strip() for p in re.split(r"\n\s*\n", doc or "") if p.strip()]
             if paragraphs and paragraphs[0].startswith(f"{name}("):  # a signature line first (C functions)

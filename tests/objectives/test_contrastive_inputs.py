@@ -418,3 +418,17 @@ def test_layouts_run_one_forward_of_the_train_module(tmp_path, llama_dir, monkey
     assert len(module_calls) == 2 and len(body_calls) == -(-36 // CHUNK_ROWS)
     assert sum(rows for (rows, _), _ in body_calls) == 36
     assert sum(rows * width for (rows, width), _ in body_calls) < batch["attention_mask"].numel()
+
+
+def test_a_text_cut_on_the_right_is_counted_there_once(tmp_path, tokenizer):
+    from tuneforge.data.builders import BuildStats
+    long = " ".join(f"w{i}" for i in range(80))
+    stats = BuildStats()
+    data = config_from_dict({"method": "contrastive", "model": {"name": "x"},
+                             "data": {"train": "x", "max_length": 32}}).data
+    builder = PairBuilder(tokenizer, data, _Sink(), stats)
+    records = _records(tmp_path, [{"anchor": long, "positive": "short"}]) + _records(tmp_path, [{"text": long}],
+                                                                                     name="texts.jsonl")
+    for record in records:
+        builder.add(record)
+    assert stats.truncated_right == 2 and stats.truncated_left == 0

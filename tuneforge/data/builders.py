@@ -251,7 +251,7 @@ class PairBuilder(Builder):
             raise _field_error(rec, field, "empty text")
         ids, truncated = embedder_ids(self.tok, prefix + text, self.data.max_length)
         self.stats.truncated_right += truncated
-        return TokenizedExample(ids, [1] * len(ids), rec.source, truncated=truncated)
+        return TokenizedExample(ids, [1] * len(ids), rec.source)  # (`truncated` means cut on the left)
 
 
 def embedder_ids(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
