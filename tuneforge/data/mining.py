@@ -115,7 +115,7 @@ def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) ->
     from tuneforge.errors import ConfigError
     from tuneforge.fsutil import atomic_write_text
     from tuneforge.models.heads import TrainModule
-    from tuneforge.objectives.contrastive import corpus_documents, embed_ids, embed_pairs, pair_corpus
+    from tuneforge.objectives.contrastive import corpus_documents, embed_ids, embed_pairs, new_documents, pair_corpus
     from tuneforge.run import load_model_and_tokenizer, prepare, setup_runtime
     if cfg.method != "contrastive":
         raise ConfigError(f"mine-negatives needs a contrastive config (method: contrastive), not {cfg.method}",
@@ -134,7 +134,7 @@ def mine_for_config(cfg, out_path, k: int = 3, relative_margin: float = 0.05) ->
                                            packing=cfg.data.packing)
     corpus, corpus_emb, relevant = pair_corpus(positive_emb, anchors, positives)
     extra = corpus_documents(cfg, tokenizer)
-    keep = [] if extra is None else [i for i, t in enumerate(extra[0]) if t not in set(corpus)]
+    keep = [] if extra is None else new_documents(corpus, extra[0])
     if keep:
         vectors = embed_ids(body, [extra[1][i] for i in keep], tokenizer.pad_token_id, c.pooling, c.normalize,
                             packing=cfg.data.packing)

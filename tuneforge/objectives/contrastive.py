@@ -247,14 +247,19 @@ def pair_corpus(positives: torch.Tensor, anchor_texts: list[str], positive_texts
     return corpus_texts, positives[[first[t] for t in corpus_texts]], relevant
 
 
+def new_documents(known: list[str], texts: list[str]) -> list[int]:
+    """Indices of the `texts` whose stripped text is none of `known` (an extra corpus beside the pairs' positives)."""
+    seen = {t.strip() for t in known}
+    return [i for i, t in enumerate(texts) if t.strip() not in seen]
+
+
 def retrieval_sums(anchors: torch.Tensor, positives: torch.Tensor, anchor_texts: list[str],
                    positive_texts: list[str], extra: tuple[list[str], torch.Tensor] | None = None) -> dict:
     """Retrieval metrics of anchors (Q, H) against the deduplicated positives, plus the `extra` (texts, vectors)
     candidates whose text is none of the positives', as (value x Q, Q) pairs."""
     texts, corpus, relevant = pair_corpus(positives, anchor_texts, positive_texts)
     if extra is not None:
-        known = set(texts)
-        keep = [i for i, t in enumerate(extra[0]) if t.strip() not in known]
+        keep = new_documents(texts, extra[0])
         corpus = torch.cat([corpus, extra[1][keep].to(corpus)])
     metrics = evaluate_retrieval(anchors, corpus, relevant)
     q = float(anchors.shape[0])
