@@ -98,9 +98,10 @@ def _metrics(results: dict) -> list[str]:
     if "perplexity" in loss:
         rows.append(("held-out perplexity", "", _num(loss["perplexity"])))
     base, tuned = results.get("base") or {}, results.get("tuned") or {}
-    for key, name in (("exact", "task accuracy, exact"), ("lenient", "task accuracy, lenient")):
-        if key in base or key in tuned:
-            rows.append((name, _pct(base.get(key)), _pct(tuned.get(key))))
+    names = list((tuned.get("metrics") or base.get("metrics") or {}))
+    for key in names:
+        rows.append((f"task accuracy, {key}", _pct((base.get("metrics") or {}).get(key)),
+                     _pct((tuned.get("metrics") or {}).get(key))))
     if "over_base" in tuned:
         rows.append(("win rate of tuned answers over the base's (rule-judged, ties half)", "",
                      _pct(tuned["over_base"]["win_rate"])))
@@ -108,8 +109,9 @@ def _metrics(results: dict) -> list[str]:
         return []
     n = tuned.get("n") or base.get("n")
     head = ["## Held-out results", "", "| metric | base model | tuned |", "|---|---|---|"]
-    note = ["", f"Task accuracy on {n} held-out examples, greedy generation: exact is the whitespace-normalised "
-                "output equal to the reference, lenient the reference contained in it."] if n else []
+    note = ["", f"Task accuracy on {n} held-out examples, greedy generation, by the run's eval.metrics (exact: "
+                "the whitespace-normalised output equal to the reference; contains: the reference inside it, "
+                "case-insensitive)."] if n else []
     return head + [f"| {name} | {b or '-'} | {a or '-'} |" for name, b, a in rows] + note + [""]
 
 

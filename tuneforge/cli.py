@@ -40,16 +40,28 @@ def _print_comparison(results: dict) -> None:
     print(f"trained {t.get('steps_this_run', t.get('steps'))} steps{resumed} in {t.get('train_seconds')} s, "
           f"{t.get('tokens_per_second')} tokens/s, final loss {t.get('final_loss')}")
     if "base" in results and "tuned" in results:
-        b, u = results["base"], results["tuned"]
-        print("\nheld-out task accuracy      exact    lenient")
-        print(f"  base model              {b['exact']:7.1%}   {b['lenient']:7.1%}")
-        print(f"  tuned model             {u['exact']:7.1%}   {u['lenient']:7.1%}")
-        if "over_base" in u:
-            w = u["over_base"]
-            print(f"  tuned vs base, answer by answer: win rate {w['win_rate']:.1%} ({w['wins']} better, "
-                  f"{w['ties']} tied, {w['losses']} worse)")
+        print()
+        print(task_table(results["base"], results["tuned"]))
     if results.get("final_dir"):
         print(f"saved: {results['final_dir']}")
+
+
+def task_table(base: dict, tuned: dict) -> str:
+    """Held-out task accuracy of base and tuned side by side, metric by metric, and the answer-by-answer
+    comparison when there is one."""
+    names = list(tuned["metrics"])
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = ["held-out task accuracy".ljust(24) + "".join(n.rjust(width) for n in names)]
+    for label, res in (("base model", base), ("tuned model", tuned)):
+        lines.append(f"  {label}".ljust(24) + "".join(f"{res['metrics'].get(n, float('nan')):{width}.1%}"
+                                                      for n in names))
+    if "over_base" in tuned:
+        w = tuned["over_base"]
+        lines.append(f"  tuned vs base, answer by answer: win rate {w['win_rate']:.1%} ({w['wins']} better, "
+                     f"{w['ties']} unchanged, {w['losses']} worse)")
+        if w.get("diff_file"):
+            lines.append(f"  per-example diff: {w['diff_file']}")
+    return "\n".join(lines)
 
 
 def cmd_data_inspect(args) -> int:
@@ -160,14 +172,62 @@ def cmd_chat(args) -> int:
 
 def cmd_eval(args) -> int:
     from tuneforge import preflight
-    from tuneforge.run import evaluate
+    from tuneforge.methods import method_of
+    from tuneforge.run import evaluate, evaluate_against_base, tuned_weights
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # `eval --run R key=value`
+    if args.config is None and not args.run:
+        raise TuneforgeError("tuneforge eval needs a run config, or --run RUN_DIR (its config.yaml and final/)")
+    if args.run:
+        preflight.check_inputs([preflight.run_input("--run", args.run)])
+        args.config = args.config or str(Path(args.run) / "config.yaml")
     extra = [preflight.adapter_input("--adapter", args.adapter)] if args.adapter else []
     extra += [preflight.Input("--model", args.model, kind="folder")] if args.model else []
     cfg = _config(args, extra_inputs=extra)
+    adapter, model_dir = args.adapter, args.model
+    saved_result = method_of(cfg).evaluate_saved is not None  # a reward model: the base has no trained head
+    if args.run and not adapter and not model_dir:
+        kind, final = tuned_weights(args.run)
+        adapter, model_dir = (str(final), None) if kind == "adapter" else (None, str(final))
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone (`tuneforge eval cfg | jq`)
-        result = evaluate(cfg, adapter=args.adapter, model_dir=args.model)
+        if saved_result or args.no_base or (adapter is None and model_dir is None):
+            if model_dir and not saved_result:
+                cfg.model.name = model_dir
+                model_dir = None
+            result = evaluate(cfg, adapter=adapter, model_dir=model_dir)
+        else:
+            if adapter and model_dir:
+                raise TuneforgeError("--adapter and --model both name the tuned model: give one")
+            result = evaluate_against_base(cfg, adapter=adapter, model_dir=model_dir,
+                                           diff_path=Path(args.diff) if args.diff else None)
+            print(comparison_text(result))
     print(json.dumps(result, indent=1, default=str))
     return 0
+
+
+def comparison_text(result: dict, examples: int = 3) -> str:
+    """`tuneforge eval`'s side-by-side view: held-out metrics of base and tuned, task accuracy, and a few of
+    the answers tuning improved and regressed."""
+    lines = []
+    loss = result["comparison"].get("loss") or {}
+    if loss:
+        lines.append("held-out".ljust(28) + "base".rjust(12) + "tuned".rjust(12) + "change".rjust(12))
+        for key, row in loss.items():
+            lines.append(f"  {key}".ljust(28) + "".join(f"{row[k]:12.4g}" for k in ("base", "tuned", "change")))
+    task = result["comparison"].get("task")
+    if task:
+        lines.append(task_table(result["base"]["task"], {**result["tuned"]["task"], "over_base": task}))
+        for kind in ("improved", "regressed"):
+            shown = [r for r in task.get("rows") or [] if r["change"] == kind][:examples]
+            for r in shown:
+                lines.append(f"  {kind}: {_clip(r['prompt'])!r}: base {_clip(r['base'])!r} -> tuned "
+                             f"{_clip(r['tuned'])!r} (reference {_clip(r['reference'])!r})")
+    return "\n".join(lines)
+
+
+def _clip(text: str, limit: int = 50) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def cmd_merge(args) -> int:
@@ -282,10 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--batch-size", type=int, default=8)
         g.set_defaults(func=func)
 
-    e = sub.add_parser("eval", help="held-out loss and task accuracy of a model (and adapter)")
-    with_config(e)
-    e.add_argument("--adapter", help="LoRA adapter folder to evaluate on top of the config's model")
-    e.add_argument("--model", help="method reward: the trained reward model to evaluate (a run's final/ folder)")
+    e = sub.add_parser("eval", help="held-out metrics of a model; given a tuned one, base against tuned on the "
+                                    "same data, with what changed answer by answer")
+    e.add_argument("config", nargs="?", default=None,
+                   help="YAML run config (default with --run: the run's config.yaml)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval=held_out.jsonl eval.limit=50")
+    e.add_argument("--run", help="a training output folder: its config and its final/ as the tuned model")
+    e.add_argument("--adapter", help="the tuned model as a LoRA adapter folder on the config's model")
+    e.add_argument("--model", help="the tuned model as a model folder (full fine-tuning; method reward: the "
+                                   "trained reward model, a run's final/)")
+    e.add_argument("--no-base", action="store_true", help="evaluate the tuned model alone")
+    e.add_argument("--diff", help="write the per-example diff (base and tuned answers, scores, improved / "
+                                  "regressed / unchanged) to this JSON-lines file")
     e.set_defaults(func=cmd_eval)
 
     sc = sub.add_parser("score", help="rewards from a reward model (method reward), as JSON lines")

@@ -179,6 +179,10 @@ class Method:
     # (and part of the token cache's key): contrastive instruction prefixes
     builder_options: Callable | None = None
 
+    def scores_generation(self, cfg) -> bool:
+        """Whether this method, under this config, evaluates held-out answers by generation."""
+        return bool(cfg.eval.generate) and self.generation_records is not _no_generation_records
+
 
 METHODS: dict[str, Method] = {
     "clm": Method("text_blocks", _clm_objective, _no_generation_records, _save_causal_lm),

@@ -27,6 +27,8 @@ from tuneforge.train import distributed as dist
 from tuneforge.train.loop import evaluate as held_out_metrics
 from tuneforge.train.loop import fit, make_autocast, resolve_autocast
 
+DIFF_FILE = "eval_diff.jsonl"  # a run's per-example answer diff, base against tuned (tuneforge.eval.task.answer_diff)
+
 
 def setup_runtime(cfg: RunConfig) -> torch.device:
     device = dist.init_from_env()
@@ -134,11 +136,26 @@ def _task_eval(cfg, model, tokenizer, records, label: str):
     e, t0 = cfg.eval, time.perf_counter()
     with make_autocast(cfg.train.autocast, next(model.parameters()).device)():  # as training computes
         res = task_accuracy(model, tokenizer, records, e.max_new_tokens, e.batch_size, cfg.data.system_prompt,
-                            e.limit)
+                            e.limit, e.metrics)
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"[{label}] held-out task accuracy: exact {res['exact']:.1%}, lenient {res['lenient']:.1%} "
-          f"(n={res['n']}, {res['seconds']} s)", flush=True)
+    shown = ", ".join(f"{name} {value:.1%}" for name, value in res["metrics"].items())
+    print(f"[{label}] held-out task accuracy: {shown} (n={res['n']}, {res['seconds']} s)", flush=True)
     return res
+
+
+def compare_answers(base: dict, tuned: dict, diff_path: Path | None = None, rows: bool = False) -> dict:
+    """The tuned model's answers against the base model's on the same prompts: win rate and counts of
+    improved / regressed / unchanged answers; with `diff_path`, the per-example diff as JSON lines there, with
+    `rows` also under "rows"."""
+    from tuneforge.eval.task import answer_diff, diff_summary, win_rate
+    diff = answer_diff(base, tuned)
+    out = {**win_rate(base, tuned), **diff_summary(diff)}
+    if diff_path is not None:
+        atomic_write_text(diff_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in diff))
+        out["diff_file"] = str(diff_path)
+    if rows:
+        out["rows"] = diff
+    return out
 
 
 def _task_eval_main(cfg, model, tokenizer, records, label: str):
@@ -257,8 +274,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     if gen_records:
         results["tuned"] = _task_eval_main(cfg, module.model, tokenizer, gen_records, "tuned")
         if dist.is_main() and results.get("base"):
-            from tuneforge.eval.task import win_rate
-            results["tuned"]["over_base"] = win_rate(results["base"], results["tuned"])
+            results["tuned"]["over_base"] = compare_answers(results["base"], results["tuned"],
+                                                            out_dir / DIFF_FILE)
         if dist.is_main():
             from tuneforge.card import write_model_card
             write_model_card(results["final_dir"], cfg, results)  # now with the tuned model's numbers
@@ -287,6 +304,50 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
+def tuned_weights(run_dir: str | Path) -> tuple[str, Path]:
+    """What a run folder's final/ holds: ("adapter", final) for a LoRA adapter in PEFT format, ("model", final)
+    for a model folder (full fine-tuning, a merged embedder); a TuneforgeError when the run has no final/."""
+    final = Path(run_dir) / "final"
+    if (final / "adapter_config.json").is_file():
+        return "adapter", final
+    if (final / "config.json").is_file():
+        return "model", final
+    raise TuneforgeError(f"{run_dir}: no trained model in {final} (no adapter_config.json, no config.json): the "
+                         "run has not finished; resume it with `tuneforge train CONFIG --resume`")
+
+
+def compare_metrics(base: dict, tuned: dict) -> dict:
+    """{metric: {"base", "tuned", "change"}} for the numbers both held-out evaluations have."""
+    out = {}
+    for key, value in tuned.items():
+        other = base.get(key)
+        if isinstance(value, (int, float)) and isinstance(other, (int, float)) and key != "count":
+            out[key] = {"base": other, "tuned": value, "change": value - other}
+    return out
+
+
+def evaluate_against_base(cfg: RunConfig, adapter: str | None = None, model_dir: str | None = None,
+                          diff_path: Path | None = None) -> dict:
+    """The config's model (the base) and the tuned one (`adapter` on the base, or the model folder
+    `model_dir`) on the same held-out data: each one's `evaluate`, the metrics side by side, and answer by
+    answer what tuning changed (improved / regressed / unchanged; the rows to `diff_path` as JSON lines)."""
+    if (adapter is None) == (model_dir is None):
+        raise ValueError("give the tuned model as an adapter or as a model folder, one of the two")
+    base = evaluate(cfg)
+    tuned_cfg = cfg
+    if model_dir is not None:
+        tuned_cfg = cfg.model_copy(deep=True)
+        tuned_cfg.model.name = str(model_dir)
+    tuned = evaluate(tuned_cfg, adapter=adapter)
+    out = {"base": base, "tuned": tuned, "comparison": {}}
+    if "loss" in base and "loss" in tuned:
+        out["comparison"]["loss"] = compare_metrics(base["loss"], tuned["loss"])
+    if base.get("task") and tuned.get("task"):
+        out["comparison"]["task"] = {"metrics": compare_metrics(base["task"]["metrics"], tuned["task"]["metrics"]),
+                                     **compare_answers(base["task"], tuned["task"], diff_path, rows=True)}
+    return out
+
+
 def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None = None) -> dict:
     """Held-out loss (and task accuracy when eval.generate) of the config's model, optionally with an adapter;
     for a method whose result is its own model (a reward model), of the saved result `model_dir`.
@@ -294,6 +355,10 @@ def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None =
     Held-out means data.eval or the data.eval_fraction split: without one there is nothing held out, and
     scoring the training data instead would look like a held-out result, so it is refused."""
     d = cfg.data
+    if not cfg.eval.loss and not method_of(cfg).scores_generation(cfg) and model_dir is None:
+        raise ConfigError("nothing to evaluate: eval.loss is false and there is no task evaluation "
+                          "(eval.generate, for instruction and preference data); set eval.loss=true",
+                          key="eval.loss")
     if not d.eval and not d.eval_fraction:
         raise ConfigError("no held-out data: set data.eval (a file) or data.eval_fraction (a share of "
                           "data.train); tuneforge eval does not score training data as if it were held out",

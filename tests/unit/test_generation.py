@@ -12,7 +12,6 @@ from tuneforge.data.chat import prompt_messages, tokenize_chat
 from tuneforge.data.records import ChatRecord, Message
 from tuneforge.errors import AuditError
 from tuneforge.eval.generation import generate, stop_token_ids
-from tuneforge.eval.task import score
 
 
 def test_batched_generation_equals_single(tiny_model_dir, tiny_tokenizer):
@@ -26,12 +25,6 @@ def test_batched_generation_equals_single(tiny_model_dir, tiny_tokenizer):
 
 def test_stop_tokens_include_end_of_turn(tiny_tokenizer):
     assert tiny_tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tiny_tokenizer)
-
-
-def test_scores():
-    assert score(" BILLING ", "BILLING") == {"exact": 1.0, "lenient": 1.0}
-    assert score("It is billing.", "BILLING") == {"exact": 0.0, "lenient": 1.0}
-    assert score("SHIPPING", "BILLING") == {"exact": 0.0, "lenient": 0.0}
 
 
 class PromptRecorder:

@@ -9,6 +9,7 @@ builder, objective, evaluation and saved result) is its entry in tuneforge/metho
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Any, Literal
@@ -129,18 +130,6 @@ class TrainSection(Section):
     """torch.compile the model body (first steps pay the compilation)."""
 
 
-class EvalSection(Section):
-    loss: bool = True
-    """Held-out loss/perplexity."""
-    generate: bool = False
-    """Task accuracy on held-out instruction/chat records: greedy generation scored against the reference."""
-    before: bool = True
-    """Also score the base model before training, for a base-versus-tuned comparison."""
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(16, gt=0)
-    limit: int | None = Field(None, gt=0)
-
-
 class DPOSection(Section):
     """Preference optimisation (method dpo, issue "RLHF part 1"): read only by that method."""
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo", "orpo"] = "sigmoid"
@@ -179,6 +168,56 @@ class RewardFunctionSpec(Section):
         if not math.isfinite(value):
             raise ValueError("the weight must be a finite number")
         return value
+
+
+EVAL_METRICS = {"exact": "tuneforge.eval.task:exact", "contains": "tuneforge.eval.task:contains",
+                "regex": "tuneforge.rl.rewards:regex"}
+"""eval.metrics' short names and the functions they name."""
+
+
+def _metric_spec(entry: Any) -> Any:
+    """An eval.metrics entry as a RewardFunctionSpec's fields: a short name or "module:function" string, or a
+    {name, args} mapping whose name may be short."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        name = entry["name"].strip()
+        if name in EVAL_METRICS:
+            return {**entry, "name": EVAL_METRICS[name]}
+        if ":" not in name:
+            near = difflib.get_close_matches(name, list(EVAL_METRICS), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"unknown metric {name!r}{hint}: use one of {', '.join(EVAL_METRICS)} or a Python "
+                             f"scoring function \"module:function\"")
+    return entry
+
+
+class EvalSection(Section):
+    loss: bool = True
+    """Held-out loss/perplexity."""
+    generate: bool = False
+    """Task accuracy on held-out instruction/chat records: greedy generation scored against the reference."""
+    before: bool = True
+    """Also score the base model before training, for a base-versus-tuned comparison."""
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0)
+    metrics: list[RewardFunctionSpec] = Field(
+        default_factory=lambda: [RewardFunctionSpec(name=EVAL_METRICS["exact"]),
+                                 RewardFunctionSpec(name=EVAL_METRICS["contains"])], min_length=1)
+    """How generated answers are scored against the reference, in order of importance (the first decides an
+    answer-by-answer comparison, the next break ties): `exact` (whitespace-normalised equality), `contains`
+    (the reference inside the answer, case-insensitive), `{name: regex, args: {pattern: ..., ignore_case:
+    true}}` (the pattern found in the answer), or a Python function "module:function" called as
+    fn(prompts, completions, references, **args) -> one number per answer (the contract of
+    rl.reward_functions), given as a string or {name, args}."""
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _short_names(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        return [_metric_spec(entry) for entry in value] if isinstance(value, list) else value
 
 
 class RLSection(Section):

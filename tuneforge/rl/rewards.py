@@ -126,16 +126,18 @@ def load_reward_function(spec, key: str) -> RewardFn:
     return functools.partial(fn, **spec.args) if spec.args else fn
 
 
-def load_reward_functions(specs) -> list[RewardSource]:
-    """One RewardSource per rl.reward_functions entry; a name used twice gets _2, _3 in the logs."""
+def load_reward_functions(specs, key: str = "rl.reward_functions", what: str = "reward function"
+                          ) -> list[RewardSource]:
+    """One RewardSource per entry of the list at config `key` (rl.reward_functions; eval.metrics, whose
+    scoring functions share the contract); a name used twice gets _2, _3 in the logs."""
     sources, seen = [], {}
     for i, spec in enumerate(specs):
-        key = f"rl.reward_functions.{i}"
-        fn = load_reward_function(spec, key)
+        entry = f"{key}.{i}"
+        fn = load_reward_function(spec, entry)
         base = spec.name.partition(":")[2]
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}_{seen[base]}"
-        sources.append(RewardSource(name, f"reward function {spec.name} ({key})", spec.weight, fn))
+        sources.append(RewardSource(name, f"{what} {spec.name} ({entry})", spec.weight, fn))
     return sources
 
 
