@@ -97,6 +97,10 @@ def _metrics(results: dict) -> list[str]:
         rows.append(("held-out loss", "", _num(loss["loss"])))
     if "perplexity" in loss:
         rows.append(("held-out perplexity", "", _num(loss["perplexity"])))
+    forgot = results.get("forgetting") or {}
+    if "after" in forgot:
+        rows.append((f"general-text perplexity ({forgot['tokens']} tokens: forgetting)", _num(forgot.get("before")),
+                     _num(forgot["after"])))
     base, tuned = results.get("base") or {}, results.get("tuned") or {}
     names = list((tuned.get("metrics") or base.get("metrics") or {}))
     for key in names:

@@ -39,6 +39,9 @@ def _print_comparison(results: dict) -> None:
     resumed = f" (resumed at step {t['resumed_from']}, {t['steps']} in all)" if t.get("resumed_from") else ""
     print(f"trained {t.get('steps_this_run', t.get('steps'))} steps{resumed} in {t.get('train_seconds')} s, "
           f"{t.get('tokens_per_second')} tokens/s, final loss {t.get('final_loss')}")
+    if results.get("forgetting"):
+        from tuneforge.run import forgetting_text
+        print(forgetting_text(results["forgetting"]))
     if "base" in results and "tuned" in results:
         print()
         print(task_table(results["base"], results["tuned"]))
@@ -214,6 +217,10 @@ def comparison_text(result: dict, examples: int = 3) -> str:
         lines.append("held-out".ljust(28) + "base".rjust(12) + "tuned".rjust(12) + "change".rjust(12))
         for key, row in loss.items():
             lines.append(f"  {key}".ljust(28) + "".join(f"{row[k]:12.4g}" for k in ("base", "tuned", "change")))
+    forgetting = result["comparison"].get("forgetting")
+    if forgetting:
+        from tuneforge.run import forgetting_text
+        lines.append(forgetting_text(forgetting))
     task = result["comparison"].get("task")
     if task:
         lines.append(task_table(result["base"]["task"], {**result["tuned"]["task"], "over_base": task}))

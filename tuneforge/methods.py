@@ -179,6 +179,11 @@ class Method:
     # (and part of the token cache's key): contrastive instruction prefixes
     builder_options: Callable | None = None
 
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the method's result is a causal language model (what forgetting's perplexity measures)."""
+        return self.load is None and self.evaluate_saved is None
+
     def scores_generation(self, cfg) -> bool:
         """Whether this method, under this config, evaluates held-out answers by generation."""
         return bool(cfg.eval.generate) and self.generation_records is not _no_generation_records

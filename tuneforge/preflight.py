@@ -43,6 +43,8 @@ def config_inputs(cfg, data: bool = True) -> list[Input]:
             value = getattr(cfg.data, key)
             inputs += [Input(f"data.{key}", str(p)) for p in (value if isinstance(value, list) else [value])
                        if p is not None]
+        if cfg.eval.forgetting and cfg.eval.general_text:
+            inputs.append(Input("eval.general_text", str(cfg.eval.general_text)))
     return inputs
 
 

@@ -19,6 +19,7 @@ from tuneforge.data.collate import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.packing import PackedExamples, collate_packed, example_lengths
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.eval.forgetting import forgetting_row, general_blocks, general_perplexity, measures_forgetting
 from tuneforge.fsutil import atomic_write_text
 from tuneforge.methods import method_of
 from tuneforge.models.attention import is_varlen
@@ -251,6 +252,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
         results["eval_before"] = held_out_metrics(module, objective, held_out, collate_fn,
                                                   settings.micro_batch_size, autocast, device)
         say("before training: eval " + _format(results["eval_before"]))
+    general = general_before = None
+    if measures_forgetting(cfg):  # and what it cost elsewhere: general-text perplexity before and after
+        general = general_blocks(cfg, tokenizer)
+        if not resume:
+            general_before = general_perplexity(module, tokenizer, general, cfg.eval.batch_size, autocast, device)
+            say(f"before training: general-text perplexity {general_before['perplexity']:.4g} "
+                f"({general_before['tokens']} tokens)")
     base_name = adapter_base_name(cfg)
     writer = (lambda d: _save_adapter_into(module.model, d, base_name)) if cfg.lora.enabled else None
     # config.yaml once start-up passed; a resumed run's once fit's resume checks accepted the checkpoint
@@ -268,6 +276,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
                         "train_seconds": round(fitted.train_seconds, 1), "interrupted": fitted.interrupted}
     if fitted.interrupted:
         return results
+    if general is not None:
+        after = general_perplexity(module, tokenizer, general, cfg.eval.batch_size, autocast, device)
+        results["forgetting"] = forgetting_row(general_before, after, _general_name(cfg))
+        say(forgetting_text(results["forgetting"]))
     if dist.is_main():
         results["final_dir"] = str(save_final(cfg, module, tokenizer, results))
     dist.barrier()
@@ -282,6 +294,17 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     if dist.is_main():
         _write_json(out_dir / "results.json", results)
     return results
+
+
+def _general_name(cfg: RunConfig) -> str:
+    return cfg.eval.general_text or "tuneforge's general text"
+
+
+def forgetting_text(row: dict) -> str:
+    if "before" not in row:
+        return f"general-text perplexity after training {row['after']:.4g} (before: not measured, resumed run)"
+    return (f"general-text perplexity (forgetting): {row['before']:.4g} -> {row['after']:.4g} "
+            f"({100 * row['change']:+.1f}%, {row['tokens']} tokens of {row['general_text']})")
 
 
 def _format(metrics: dict) -> str:
@@ -342,6 +365,8 @@ def evaluate_against_base(cfg: RunConfig, adapter: str | None = None, model_dir:
     out = {"base": base, "tuned": tuned, "comparison": {}}
     if "loss" in base and "loss" in tuned:
         out["comparison"]["loss"] = compare_metrics(base["loss"], tuned["loss"])
+    if "general" in base and "general" in tuned:
+        out["comparison"]["forgetting"] = forgetting_row(base["general"], tuned["general"], _general_name(cfg))
     if base.get("task") and tuned.get("task"):
         out["comparison"]["task"] = {"metrics": compare_metrics(base["task"]["metrics"], tuned["task"]["metrics"]),
                                      **compare_answers(base["task"], tuned["task"], diff_path, rows=True)}
@@ -355,9 +380,10 @@ def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None =
     Held-out means data.eval or the data.eval_fraction split: without one there is nothing held out, and
     scoring the training data instead would look like a held-out result, so it is refused."""
     d = cfg.data
-    if not cfg.eval.loss and not method_of(cfg).scores_generation(cfg) and model_dir is None:
-        raise ConfigError("nothing to evaluate: eval.loss is false and there is no task evaluation "
-                          "(eval.generate, for instruction and preference data); set eval.loss=true",
+    if (not cfg.eval.loss and not method_of(cfg).scores_generation(cfg) and not measures_forgetting(cfg)
+            and model_dir is None):
+        raise ConfigError("nothing to evaluate: eval.loss and eval.forgetting are false and there is no task "
+                          "evaluation (eval.generate, for instruction and preference data); set eval.loss=true",
                           key="eval.loss")
     if not d.eval and not d.eval_fraction:
         raise ConfigError("no held-out data: set data.eval (a file) or data.eval_fraction (a share of "
@@ -392,6 +418,9 @@ def evaluate(cfg: RunConfig, adapter: str | None = None, model_dir: str | None =
         out["loss"] = held_out_metrics(module, make_objective(cfg, tokenizer), eval_rows, collate_fn,
                                        settings.micro_batch_size, make_autocast(cfg.train.autocast, device),
                                        device)
+    if measures_forgetting(cfg):
+        out["general"] = general_perplexity(module, tokenizer, general_blocks(cfg, tokenizer), cfg.eval.batch_size,
+                                            make_autocast(cfg.train.autocast, device), device)
     if gen := method_of(cfg).generation_records(cfg, data):
         out["task"] = _task_eval_main(cfg, model, tokenizer, gen, "model")
     return out

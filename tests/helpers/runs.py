@@ -86,7 +86,7 @@ def make_config(model_dir, train, out, method="sft", lora=False, lora_dropout=0.
     return config_from_dict({
         "method": method, "model": {"name": str(model_dir)}, "data": data,
         "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": lora_dropout},
-        "train": train_section, "eval": {"loss": False}, **({"rl": rl} if rl is not None else {}),
+        "train": train_section, "eval": {"loss": False, "forgetting": False}, **({"rl": rl} if rl is not None else {}),
     })
 
 

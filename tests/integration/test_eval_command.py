@@ -52,6 +52,12 @@ def test_eval_run_gives_base_and_tuned_as_training_measured_them(tmp_path, tiny_
     assert [r["change"] for r in task["rows"]] == [r["change"] for r in rows]
     assert [json.loads(x) for x in (tmp_path / "diff.jsonl").read_text().splitlines()] == task["rows"]
     assert task["metrics"]["exact"]["tuned"] == results["tuned"]["metrics"]["exact"]
+    # forgetting: general-text perplexity of base and tuned, as training measured it before and after
+    forgot, trained = got["comparison"]["forgetting"], results["forgetting"]
+    assert trained["tokens"] == forgot["tokens"] > 0 and trained["general_text"] == "tuneforge's general text"
+    for key in ("before", "after", "change"):
+        assert forgot[key] == pytest.approx(trained[key], rel=1e-5), key
+    assert trained["change"] == pytest.approx(trained["after"] / trained["before"] - 1)
     assert "held-out task accuracy" in captured.err and "base model" in captured.err and "perplexity" in captured.err
 
 
@@ -69,7 +75,7 @@ def test_eval_with_a_user_metric_and_an_override_after_run(tmp_path, tiny_model_
     assert got["tuned"]["task"]["n"] == 3 and list(got["tuned"]["task"]["metrics"]) == ["contains"]
     assert main(["eval", "--run", str(out), "--no-base"]) == 0
     alone = json.loads(capsys.readouterr().out)
-    assert set(alone) == {"loss", "task"} and alone["task"]["metrics"] == results["tuned"]["metrics"]
+    assert set(alone) == {"loss", "general", "task"} and alone["task"]["metrics"] == results["tuned"]["metrics"]
 
 
 def test_eval_errors_name_what_is_missing(tmp_path, tiny_model_dir, capsys):
@@ -92,7 +98,7 @@ def test_eval_run_compares_the_methods_own_metrics(tmp_path, tiny_model_dir, cap
     from helpers.runs import method_config
     from tuneforge.run import train
     cfg = method_config(method, tiny_model_dir, tmp_path / "data", tmp_path / "run", max_steps=3, lora=lora)
-    cfg.data.eval_fraction, cfg.eval.loss = 0.25, True
+    cfg.data.eval_fraction, cfg.eval.loss, cfg.eval.forgetting = 0.25, True, True
     results = train(cfg)
     capsys.readouterr()
     assert main(["eval", "--run", str(tmp_path / "run")]) == 0
@@ -102,5 +108,6 @@ def test_eval_run_compares_the_methods_own_metrics(tmp_path, tiny_model_dir, cap
     assert row["base"] == pytest.approx(results["eval_before"][key], rel=1e-5)
     assert row["tuned"] == pytest.approx(results["train"]["eval"][key], rel=1e-5)
     assert "task" not in got["comparison"]
-    assert main(["eval", "--run", str(tmp_path / "run"), "eval.loss=false"]) == 2
+    assert ("forgetting" in got["comparison"]) == (method == "clm")  # an embedder has no next-token perplexity
+    assert main(["eval", "--run", str(tmp_path / "run"), "eval.loss=false", "eval.forgetting=false"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err

@@ -212,6 +212,15 @@ class EvalSection(Section):
     fn(prompts, completions, references, **args) -> one number per answer (the contract of
     rl.reward_functions), given as a string or {name, args}."""
 
+    forgetting: bool = True
+    """Perplexity on general text before and after tuning (methods whose result is a causal language model):
+    what tuning cost elsewhere, in results.json "forgetting" and beside the task gain."""
+    general_text: str | None = None
+    """The general text for `forgetting`: a file or folder read as method clm reads data.train; default: the
+    set shipped with tuneforge (standard-library docstrings and software licences)."""
+    general_tokens: int = Field(8192, gt=0)
+    """How many tokens of the general text `forgetting` scores (its first blocks)."""
+
     @field_validator("metrics", mode="before")
     @classmethod
     def _short_names(cls, value: Any) -> Any:
