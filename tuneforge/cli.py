@@ -1,4 +1,5 @@
-"""The `tuneforge` command: train | data inspect | data mine-negatives | generate | chat | eval | rank | merge | score."""
+"""The `tuneforge` command: train | data inspect | data mine-negatives | generate | chat | eval | report | rank | merge |
+score."""
 
 from __future__ import annotations
 
@@ -237,6 +238,13 @@ def _clip(text: str, limit: int = 50) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def cmd_report(args) -> int:
+    from tuneforge.report import write_report
+    path = write_report(args.runs, args.out)
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from tuneforge import preflight
     from tuneforge.adapters.lora import merge_to_folder
@@ -362,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--diff", help="write the per-example diff (base and tuned answers, scores, improved / "
                                   "regressed / unchanged) to this JSON-lines file")
     e.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="rebuild a run's report.html, or compare runs on one page")
+    rp.add_argument("runs", nargs="+", help="training output folders")
+    rp.add_argument("--out", help="the page to write (default: RUN/report.html for one run, ./report.html for "
+                                  "several)")
+    rp.set_defaults(func=cmd_report)
 
     sc = sub.add_parser("score", help="rewards from a reward model (method reward), as JSON lines")
     sc.add_argument("--model", required=True, help="the reward model: a run's final/ folder (or the run folder)")

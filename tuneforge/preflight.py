@@ -138,7 +138,7 @@ def _near_miss(path: Path) -> str | None:
 
 # What a run writes into train.output_dir; --overwrite removes exactly these (nothing else the user keeps there).
 RUN_RECORD = ("final", "results.json", "config.yaml", "checkpoints", "metrics.jsonl", "tensorboard",
-              "reference_logps.safetensors", "eval_diff.jsonl")
+              "reference_logps.safetensors", "eval_diff.jsonl", "report.html")
 
 
 def finished_run_parts(out_dir: str | os.PathLike) -> list[str]:

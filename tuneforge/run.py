@@ -231,7 +231,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
     data = prepare(cfg, tokenizer)
     say("data: " + json.dumps(data.stats))
     gen_records = method_of(cfg).generation_records(cfg, data)
-    results: dict = {"data": data.stats, **({"command": command} if command else {})}
+    results: dict = {"data": data.stats, **({"command": command} if command else {}),
+                     "environment": environment(device)}
     if gen_records and cfg.eval.before and not resume:
         results["base"] = _task_eval_main(cfg, model, tokenizer, gen_records, "base")
     module = _build_module(cfg, model)
@@ -275,6 +276,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
                         "tokens_per_second": round(fitted.tokens_per_second, 1),
                         "train_seconds": round(fitted.train_seconds, 1), "interrupted": fitted.interrupted}
     if fitted.interrupted:
+        if dist.is_main():
+            _write_report(out_dir, results)
         return results
     if general is not None:
         after = general_perplexity(module, tokenizer, general, cfg.eval.batch_size, autocast, device)
@@ -293,7 +296,51 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, command
             write_model_card(results["final_dir"], cfg, results)  # now with the tuned model's numbers
     if dist.is_main():
         _write_json(out_dir / "results.json", results)
+        _write_report(out_dir, None)
     return results
+
+
+def _write_report(out_dir: Path, partial: dict | None) -> None:
+    """out_dir/report.html from what the run folder holds (`partial`: results of an interrupted run, which
+    writes no results.json). A report that cannot be written never fails the run it describes."""
+    from tuneforge.report import REPORT, load_run, render
+    try:
+        run = load_run(out_dir)
+        if partial is not None and not run["results"]:
+            run["results"] = json.loads(json.dumps(partial, default=str))
+        atomic_write_text(out_dir / REPORT, render([run]))
+    except (OSError, TuneforgeError, ValueError) as exc:
+        say(f"warning: report.html not written: {exc}")
+
+
+def environment(device) -> dict:
+    """Where the run ran: versions, device, CPU, threads, processes (results.json and the report)."""
+    import platform
+
+    import peft
+    import transformers
+
+    from tuneforge import __version__
+    env = {"tuneforge": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform(),
+           "device": str(device), "processes": dist.world_size(), "torch_threads": torch.get_num_threads()}
+    if device is not None and torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    cpu = _cpu_name()
+    if cpu:
+        env["cpu"] = cpu
+    return env
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or None
 
 
 def _general_name(cfg: RunConfig) -> str:
