@@ -1,5 +1,5 @@
-"""The `tuneforge` command: train | data inspect | data mine-negatives | generate | chat | eval | report | rank | merge |
-score."""
+"""The `tuneforge` command: train | data inspect | data mine-negatives | generate | chat | eval | report | serve | rank |
+merge | score."""
 
 from __future__ import annotations
 
@@ -238,6 +238,65 @@ def _clip(text: str, limit: int = 50) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _served_adapters(args) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(base, [(served name, adapter folder)], system prompt) from --model, --adapter NAME=DIR and --run."""
+    from tuneforge import preflight
+    from tuneforge.config import load_config
+    from tuneforge.run import tuned_weights
+    adapters, base, system = [], args.model, args.system
+    for spec in args.adapter or []:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise TuneforgeError(f"--adapter {spec!r}: write NAME=DIR (the name requests use, the adapter folder)")
+        preflight.check_inputs([preflight.adapter_input(f"--adapter {name}", folder)])
+        adapters.append((name, folder))
+    for run in args.run or []:
+        preflight.check_inputs([preflight.run_input("--run", run)])
+        cfg = load_config(str(Path(run) / "config.yaml"), [])
+        kind, final = tuned_weights(run)
+        if kind != "adapter":
+            raise TuneforgeError(f"--run {run}: its final/ is a whole model (full fine-tuning), not an adapter on a "
+                                 f"shared base: serve it as --model {final}")
+        if base is not None and base != cfg.model.name:
+            raise TuneforgeError(f"--run {run} was trained on {cfg.model.name}, not on {base}: one server serves "
+                                 "adapters of one base")
+        base = base or cfg.model.name
+        system = system if system is not None else cfg.data.system_prompt
+        adapters.append((Path(run).name, str(final)))
+    if base is None:
+        from tuneforge.adapters.lora import adapter_base_model
+        recorded = {adapter_base_model(folder) for _, folder in adapters} - {None}
+        base = recorded.pop() if len(recorded) == 1 else "smollm2-135m-instruct"
+    preflight.check_inputs(preflight.model_inputs("--model", base))
+    return base, adapters, system
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from tuneforge.serve.engine import Engine
+    from tuneforge.serve.server import Limits, Server, Service, load_served
+    base, adapters, system = _served_adapters(args)
+    model, tokenizer, names, base_name = load_served(base, adapters, args.base_name, args.threads)
+    engine = Engine(model, tokenizer, names, base_name, max_batch=args.max_batch, max_queue=args.max_queue)
+    key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                    default_max_tokens=min(256, args.max_tokens))
+    server = Server(Service(engine, tokenizer, system, limits, key), args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"serving {', '.join(engine.names)} at {server.url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        engine.close()
+    return 0
+
+
 def cmd_report(args) -> int:
     from tuneforge.report import write_report
     path = write_report(args.runs, args.out)
@@ -370,6 +429,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--diff", help="write the per-example diff (base and tuned answers, scores, improved / "
                                   "regressed / unchanged) to this JSON-lines file")
     e.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API: one base, several adapters, batched")
+    sv.add_argument("--model", help="the base model (default: the adapters' or runs' recorded base)")
+    sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                    help="a LoRA adapter served as NAME (repeatable)")
+    sv.add_argument("--run", action="append", help="a LoRA training run, served under its folder's name "
+                                                   "(repeatable)")
+    sv.add_argument("--base-name", help="the name requests use for the base alone (default: --model as given)")
+    sv.add_argument("--system", default=None, help="system prompt for chat requests (default: the run's)")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUNEFORGE_API_KEY)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=4096)
+    sv.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    sv.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    sv.set_defaults(func=cmd_serve)
 
     rp = sub.add_parser("report", help="rebuild a run's report.html, or compare runs on one page")
     rp.add_argument("runs", nargs="+", help="training output folders")

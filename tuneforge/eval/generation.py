@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -257,10 +257,34 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return token
 
 
+def lora_model(model):
+    """The PEFT LoRA tuner (peft.tuners.lora.LoraModel) inside `model`, or None."""
+    from peft.tuners.lora import LoraModel
+    return next((m for m in model.modules() if isinstance(m, LoraModel)), None)
+
+
+def adapter_hooks(model, names: Sequence[str] | None):
+    """A context in which every row of the body's batch goes through its own adapter, `names[r]` (PEFT's
+    mixed-adapter batches; "__base__" for the base alone); a no-op without names."""
+    if names is None:
+        return contextlib.nullcontext()
+    tuner = lora_model(model)
+    if tuner is None:
+        if any(n != BASE_ADAPTER for n in names):
+            raise TuneforgeError("per-row adapters need a model with LoRA adapters loaded")
+        return contextlib.nullcontext()
+    return tuner._enable_peft_forward_hooks(adapter_names=list(names))
+
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
 @torch.no_grad()
 def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
                        temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                       generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> Completions:
+                       generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
+                       adapter_names: Sequence[str] | None = None, row_limits: Sequence[int] | None = None,
+                       on_step: Callable | None = None) -> Completions:
     """The one token-level generation core (eval, chat, rank and RL rollouts all run on it).
 
     Prompts are left-padded into one batch; the model's own forward fills a transformers DynamicCache with the
@@ -278,6 +302,11 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     quantity training recomputes from hidden / temperature (objectives/functional.py `token_logps`), so the
     rollout's numbers and training's are the same numbers from two paths. The temperature is applied to the
     hidden state before the projection, as there. Runs in eval mode (no dropout); modes are restored after.
+
+    Serving (tuneforge serve) adds: `adapter_names`, one LoRA adapter per row (`adapter_hooks`; the bf16 weight
+    packing, which merges one adapter into the weights, is then off); `row_limits`, a row's own token limit
+    (at most max_new_tokens); `on_step(tokens, live)`, called after every step with the (B,) new ids and which
+    rows were still live before it, returning None or a (B,) bool tensor of rows to stop now (a client gone).
     """
     from transformers import DynamicCache
 
@@ -288,11 +317,13 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     sampling = do_sample and temperature > 0
     scale = temperature if sampling else 1.0
     # a prompt repeated in consecutive rows (an RL group's samples) is prefilled once; its cache is then copied
-    firsts, expand = [], []  # the rows that start a run of equal prompts; each row's run
+    firsts, expand = [], []  # the rows that start a run of equal prompts (and adapters); each row's run
     for r, prompt in enumerate(prompts):
-        if r == 0 or prompt != prompts[r - 1]:
+        if r == 0 or prompt != prompts[r - 1] or (adapter_names is not None and adapter_names[r] != adapter_names[r - 1]):
             firsts.append(r)
         expand.append(len(firsts) - 1)
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise TuneforgeError(f"sample_completions: {len(adapter_names)} adapter names for {len(prompts)} rows")
     expand = torch.tensor(expand, dtype=torch.long, device=device)
     ids, mask = left_pad([prompts[r] for r in firsts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -307,11 +338,16 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
         where = generator.device if generator is not None else torch.device("cpu")
         uniforms = torch.rand((rows, max_new_tokens), generator=generator, device=where).to(device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
+    limits = None
+    if row_limits is not None:
+        limits = torch.tensor([min(int(n), max_new_tokens) for n in row_limits], dtype=torch.long, device=device)
     steps_tok, steps_logp, steps_live = [], [], []
     cache = DynamicCache(config=unwrap(model).config)
-    with eval_mode(model), thin_lora_in_float32(model, device), packed_bf16_linears(body, device, rows):
-        hidden = body(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
-                      cache=cache, use_cache=True).last_hidden_state[:, -1]  # (distinct prompts, H)
+    packing = packed_bf16_linears(body, device, rows) if adapter_names is None else contextlib.nullcontext()
+    with eval_mode(model), thin_lora_in_float32(model, device), packing:
+        with adapter_hooks(model, None if adapter_names is None else [adapter_names[r] for r in firsts]):
+            hidden = body(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
+                          cache=cache, use_cache=True).last_hidden_state[:, -1]  # (distinct prompts, H)
         if len(firsts) < rows:
             cache.batch_select_indices(expand)
             hidden, mask, positions = hidden[expand], mask[expand], positions[expand]  # (B, ...)
@@ -330,16 +366,26 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
             steps_live.append(~done)  # a row that stopped goes on decoding in the batch; its tokens are cut
             steps_tok.append(token)
             steps_logp.append(logp_all.gather(1, token[:, None]).squeeze(1))
+            live = ~done
             done = done | torch.isin(token, stops)
+            if limits is not None:
+                done = done | (limits <= step + 1)
+            if on_step is not None:
+                cut = on_step(token, live)
+                if cut is not None:
+                    done = done | cut.to(device)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             position = position + 1
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
-                          use_cache=True).last_hidden_state[:, -1]
+            with adapter_hooks(model, adapter_names):
+                hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                              cache=cache, use_cache=True).last_hidden_state[:, -1]
     tokens, logps, live = (torch.stack(x, 1).cpu() for x in (steps_tok, steps_logp, steps_live))  # (B, L)
     lengths = live.sum(1).tolist()
+    ended = torch.isin(tokens, stops.cpu()) & live  # a row's stop is its last live token, if it hit one
     return Completions(tokens=[tokens[r, :n].tolist() for r, n in enumerate(lengths)],
                        logps=[logps[r, :n].clone() for r, n in enumerate(lengths)],
-                       stopped=done.cpu().tolist())
+                       stopped=ended.any(1).tolist() if limits is not None or on_step is not None
+                       else done.cpu().tolist())
