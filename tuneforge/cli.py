@@ -162,16 +162,54 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tuneforge.eval.generation import generate
+    from tuneforge import preflight
+    from tuneforge.adapters.lora import load_adapter
+    from tuneforge.eval.generation import BASE_ADAPTER, generate
     from tuneforge.repl import chat_loop
+    specs = [_adapter_spec(s) for s in args.adapter or []]
+    preflight.check_inputs([preflight.adapter_input(f"--adapter {n}", d) for n, d in specs])
+    args.adapter = specs[0][1] if specs else None
     model, tokenizer, system = _load_for_inference(args)
+    names = {}  # the name the chat uses -> PEFT's
+    if args.run and not specs and lora_loaded(model):
+        names[Path(args.run).name] = "default"
+    for i, (name, folder) in enumerate(specs):
+        if name in names or name == "base":
+            raise TuneforgeError(f"--adapter {name}: two adapters named {name!r} ('base' names the base alone)")
+        if i:
+            model = load_adapter(model, folder, adapter_name=name)
+        names[name] = "default" if i == 0 else name
+    state = {"name": next(iter(names), "base")}
 
     def respond(conversation: list[dict]) -> str:
+        adapter = names.get(state["name"], BASE_ADAPTER) if len(names) > 1 or state["name"] == "base" else None
         return generate(model, tokenizer, [conversation], args.max_new_tokens, 1, system,
-                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0)[0]
+                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0, adapter=adapter)[0]
 
-    chat_loop(respond, keep_history=not args.no_history)
+    def switch(name: str | None) -> str:
+        known = ["base", *names]
+        if name is None:
+            return "adapters: " + ", ".join(f"{n}{' (answering)' if n == state['name'] else ''}" for n in known)
+        if name not in known:
+            return f"no adapter {name!r}; loaded: {', '.join(known)}"
+        state["name"] = name
+        return f"now answering: {name}"
+
+    chat_loop(respond, keep_history=not args.no_history, switch=switch if names else None)
     return 0
+
+
+def _adapter_spec(spec: str) -> tuple[str, str]:
+    """--adapter NAME=DIR, or DIR alone (named after its folder)."""
+    name, sep, folder = spec.partition("=")
+    if sep and name and folder and not Path(spec).exists():
+        return name, folder
+    return Path(spec.rstrip("/")).name or "adapter", spec
+
+
+def lora_loaded(model) -> bool:
+    from tuneforge.eval.generation import lora_model
+    return lora_model(model) is not None
 
 
 def cmd_eval(args) -> int:
@@ -403,11 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--run", help="a training output folder: its config, template handling and final weights")
         g.add_argument("--model", help="model (embedded name, folder, .gguf, hub id); default: the --adapter's "
                                        "recorded base, else smollm2")
-        g.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
+        if name == "generate":
+            g.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
         g.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt)")
         g.add_argument("--max-new-tokens", type=int, default=128)
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         if name == "chat":
+            g.add_argument("--adapter", action="append", metavar="[NAME=]DIR", dest="adapter",
+                           help="a LoRA adapter; repeat it to load several on the base and switch with /adapter NAME")
             g.add_argument("--no-history", action="store_true",
                            help="answer each message alone (default: each reply sees the conversation so far)")
         if name == "generate":

@@ -14,6 +14,7 @@ from typing import Callable
 BLOCK = '"""'
 PROMPT, MORE = "you> ", "...> "
 QUIT, RESET, HELP = ("/quit", "/exit"), "/reset", "/help"
+ADAPTER = "/adapter"  # "/adapter" lists the adapters, "/adapter NAME" switches (chat with several adapters)
 
 HOW_TO = ('multi-line message: a line """ opens it and another """ sends it (blank lines inside are kept), '
           "or end a line with \\ to go on; /quit or Ctrl-D ends the chat")
@@ -28,7 +29,7 @@ def banner(keep_history: bool) -> str:
     return f"chat: {memory}.\n{HOW_TO}."
 
 
-def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
+def read_message(read_line: Callable[[str], str], adapters: bool = False) -> tuple[str, str]:
     """("command", "/reset") or ("message", text) from `read_line(prompt)`, which raises EOFError at the end.
 
     Blank lines between messages are skipped. Commands are single lines, exactly as listed: any other text,
@@ -39,7 +40,7 @@ def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
         text = line.strip()
         if not text:
             continue
-        if text in (*QUIT, RESET, HELP):
+        if text in (*QUIT, RESET, HELP) or (adapters and (text == ADAPTER or text.startswith(ADAPTER + " "))):
             return "command", text
         if text.startswith(BLOCK):
             return "message", _block(text[len(BLOCK):], read_line)
@@ -80,17 +81,19 @@ def _continued(line: str, read_line) -> str:
 
 def chat_loop(respond: Callable[[list[dict]], str], keep_history: bool = True,
               read_line: Callable[[str], str] = input, write: Callable[[str], None] = print,
-              note: Callable[[str], None] | None = None) -> None:
+              note: Callable[[str], None] | None = None, switch: Callable[[str | None], str] | None = None) -> None:
     """Read messages until /quit or the end of input; `respond(conversation)` gives the assistant's reply.
 
-    Human notes (the banner, "history cleared") go to `note`, stderr by default, replies to `write`.
+    Human notes (the banner, "history cleared") go to `note`, stderr by default, replies to `write`. With
+    `switch` (several adapters on one base), "/adapter NAME" calls switch(NAME) and "/adapter" switch(None);
+    what it returns is noted (the adapter now answering, or the list). The history is kept across a switch.
     """
     note = note or (lambda text: print(text, file=sys.stderr, flush=True))
-    note(banner(keep_history))
+    note(banner(keep_history) + ("\n/adapter lists the adapters, /adapter NAME switches to one" if switch else ""))
     history: list[dict] = []
     while True:
         try:
-            kind, text = read_message(read_line)
+            kind, text = read_message(read_line, adapters=switch is not None)
         except EOFError:
             break
         if kind == "command":
@@ -99,8 +102,11 @@ def chat_loop(respond: Callable[[list[dict]], str], keep_history: bool = True,
             if text == RESET:
                 history = []
                 note("history cleared")
+            elif switch is not None and (text == ADAPTER or text.startswith(ADAPTER + " ")):
+                note(switch(text[len(ADAPTER):].strip() or None))
             else:
-                note(HOW_TO + "; /reset clears the history")
+                note(HOW_TO + "; /reset clears the history" + ("; /adapter [NAME] lists or switches adapters"
+                                                                if switch else ""))
             continue
         conversation = [*history, {"role": "user", "content": text}] if keep_history else \
             [{"role": "user", "content": text}]

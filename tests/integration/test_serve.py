@@ -218,3 +218,19 @@ def test_serve_command_checks_its_arguments(tmp_path, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--adapter", f"a={tmp_path / 'nope'}"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_chat_switches_adapters_without_reloading(tiny_model_dir, adapters, generated, monkeypatch, capsys):
+    """tuneforge chat --adapter NAME=DIR ...: /adapter NAME switches; each answers as `generate` with it does."""
+    import io
+    import sys
+    session = f"{PROMPTS[0]}\n/adapter beta\n{PROMPTS[0]}\n/adapter base\n{PROMPTS[0]}\n/adapter\n/adapter zeta\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(session))
+    argv = ["chat", "--model", tiny_model_dir, "--max-new-tokens", str(MAX), "--no-history",
+            "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    replies = [line.split("bot> ", 1)[1] for line in out.splitlines() if "bot> " in line]  # after input()'s "you> "
+    assert replies == [generated["alpha"][0], generated["beta"][0], generated["base"][0]]
+    assert "now answering: beta" in err and "adapters: base (answering), alpha, beta" in err
+    assert "no adapter 'zeta'" in err

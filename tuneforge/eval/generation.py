@@ -40,16 +40,17 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], system_prompt: st
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16,
              system_prompt: str | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0) -> list[str]:
+             top_p: float = 1.0, adapter: str | None = None) -> list[str]:
     """Continue each conversation with one assistant turn; returns the decoded replies (special tokens cut).
-    Sampling (do_sample) draws from torch's global generator, so `torch.manual_seed` before a call fixes it."""
+    Sampling (do_sample) draws from torch's global generator, so `torch.manual_seed` before a call fixes it.
+    `adapter`: the loaded LoRA adapter that answers (BASE_ADAPTER: none), in place of the active one."""
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
         rows = encode_prompts(tokenizer, conversations[start:start + batch_size], system_prompt)
         out = sample_completions(model, rows, max_new_tokens, stops, pad_id, temperature=temperature, top_p=top_p,
-                                 do_sample=do_sample)
+                                 do_sample=do_sample, adapter_names=None if adapter is None else [adapter] * len(rows))
         replies += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tokens]
     return replies
 
