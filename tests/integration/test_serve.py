@@ -12,6 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import torch
 import pytest
 
 from helpers.lora import lora_model_with_nonzero_b
@@ -234,3 +235,28 @@ def test_chat_switches_adapters_without_reloading(tiny_model_dir, adapters, gene
     assert replies == [generated["alpha"][0], generated["beta"][0], generated["base"][0]]
     assert "now answering: beta" in err and "adapters: base (answering), alpha, beta" in err
     assert "no adapter 'zeta'" in err
+
+
+def test_mixed_lora_rows_equal_each_adapter_alone(tiny_model_dir, adapters):
+    """eval/generation.py mixed_lora: a batch whose rows use different adapters (and the base) gives each row
+    the logits that adapter alone gives (PEFT's own forward with it active, or with adapters disabled)."""
+    from tuneforge.eval.generation import BASE_ADAPTER, mixed_lora
+    model, tok, names, _ = load_served(tiny_model_dir, list(adapters.items()), base_name="base")
+    ids = tok(["Add 2 and 3.", "Say hello.", "Add 2 and 3.", "Hi"], padding=True, return_tensors="pt")
+    rows = ["alpha", BASE_ADAPTER, "beta", "alpha"]
+    with torch.no_grad(), mixed_lora(model, rows):
+        mixed = model(**ids).logits
+    for r, name in enumerate(rows):
+        with torch.no_grad():
+            if name == BASE_ADAPTER:
+                with model.disable_adapter():
+                    alone = model(**ids).logits[r]
+            else:
+                model.set_adapter(name)
+                alone = model(**ids).logits[r]
+        torch.testing.assert_close(mixed[r], alone, rtol=1e-5, atol=1e-5)
+    model.set_adapter("alpha")
+    with torch.no_grad(), mixed_lora(model, [BASE_ADAPTER] * 4):  # no adapter in the batch: the base alone
+        only_base = model(**ids).logits
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(only_base, model(**ids).logits, rtol=1e-5, atol=1e-5)

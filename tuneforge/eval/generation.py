@@ -280,6 +280,60 @@ def adapter_hooks(model, names: Sequence[str] | None):
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+def _mixed_lora_forward(layer, a_cat, b_cat, masks, x, *args, **kwargs):
+    y = layer.base_layer(x, *args, **kwargs)
+    low = F.linear(x.to(a_cat.dtype), a_cat) * masks  # (B, T, R): each row keeps its own adapter's slice
+    return y + F.linear(low, b_cat).to(y.dtype)
+
+
+@contextlib.contextmanager
+def mixed_lora(model, names: Sequence[str]):
+    """Rows of one batch through different LoRA adapters, by hand: in every LoRA linear layer the A matrices of
+    the adapters the batch uses are concatenated (R = the sum of their ranks) and the B matrices likewise, each
+    slice scaled by its adapter's alpha / r, so a row's update is F.linear(F.linear(x, A_cat) * mask_row, B_cat)
+    with mask_row one on its adapter's slice (zero everywhere for the base's rows). Two thin matmuls and a
+    product a layer whatever the number of adapters, where PEFT's mixed batches (`adapter_hooks`) run a
+    gather, two matmuls and a scatter per adapter: on a CPU, where decoding a small model is bound by the
+    number of kernels, that is the difference between batching paying and not (BENCHMARKS.md, serving).
+    The extra products over the other adapters' slices are R x (in + out) multiply-adds a token, under 3% of
+    the base layer's for four r-16 adapters. Layers that are not plain LoRA linears (DoRA, other variants) make
+    it fall back to PEFT's hooks."""
+    from peft.tuners.lora import Linear as LoraLinear
+    used = sorted({n for n in names if n != BASE_ADAPTER})
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    plain = all(isinstance(m.base_layer, torch.nn.Linear) and not m.merged
+                and not any(m.use_dora.get(a, False) or m.lora_variant.get(a) for a in used) for m in layers)
+    if not plain:
+        with adapter_hooks(model, names):
+            yield
+        return
+    patched = []
+    for layer in layers:
+        present = [a for a in used if a in layer.lora_A]
+        if not present:  # only base rows pass here: the base layer alone, whatever adapter PEFT has active
+            layer.forward = layer.base_layer.forward
+            patched.append(layer)
+            continue
+        weight = layer.lora_A[present[0]].weight
+        a_cat = torch.cat([layer.lora_A[a].weight.detach() for a in present])  # (R, in)
+        b_cat = torch.cat([layer.lora_B[a].weight.detach() * layer.scaling[a] for a in present], 1)  # (out, R)
+        spans, at = {}, 0
+        for a in present:
+            spans[a] = (at, at + layer.r[a])
+            at += layer.r[a]
+        masks = torch.zeros(len(names), 1, at, dtype=weight.dtype, device=weight.device)
+        for row, name in enumerate(names):
+            if name in spans:
+                masks[row, :, spans[name][0]:spans[name][1]] = 1.0
+        layer.forward = functools.partial(_mixed_lora_forward, layer, a_cat, b_cat, masks)
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
 @torch.no_grad()
 def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
                        temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
@@ -320,7 +374,7 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     # a prompt repeated in consecutive rows (an RL group's samples) is prefilled once; its cache is then copied
     firsts, expand = [], []  # the rows that start a run of equal prompts (and adapters); each row's run
     for r, prompt in enumerate(prompts):
-        if r == 0 or prompt != prompts[r - 1] or (adapter_names is not None and adapter_names[r] != adapter_names[r - 1]):
+        if r == 0 or prompt != prompts[r - 1] or adapter_names is not None:  # per-row adapters: every row its own
             firsts.append(r)
         expand.append(len(firsts) - 1)
     if adapter_names is not None and len(adapter_names) != len(prompts):
@@ -345,10 +399,10 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
     steps_tok, steps_logp, steps_live = [], [], []
     cache = DynamicCache(config=unwrap(model).config)
     packing = packed_bf16_linears(body, device, rows) if adapter_names is None else contextlib.nullcontext()
-    with eval_mode(model), thin_lora_in_float32(model, device), packing:
-        with adapter_hooks(model, None if adapter_names is None else [adapter_names[r] for r in firsts]):
-            hidden = body(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
-                          cache=cache, use_cache=True).last_hidden_state[:, -1]  # (distinct prompts, H)
+    mixed = mixed_lora(model, adapter_names) if adapter_names is not None else contextlib.nullcontext()
+    with eval_mode(model), thin_lora_in_float32(model, device), packing, mixed:
+        hidden = body(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
+                      cache=cache, use_cache=True).last_hidden_state[:, -1]  # (distinct prompts, H)
         if len(firsts) < rows:
             cache.batch_select_indices(expand)
             hidden, mask, positions = hidden[expand], mask[expand], positions[expand]  # (B, ...)
@@ -380,9 +434,8 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, sto
             position = position + 1
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            with adapter_hooks(model, adapter_names):
-                hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                              cache=cache, use_cache=True).last_hidden_state[:, -1]
+            hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                          cache=cache, use_cache=True).last_hidden_state[:, -1]
     tokens, logps, live = (torch.stack(x, 1).cpu() for x in (steps_tok, steps_logp, steps_live))  # (B, L)
     lengths = live.sum(1).tolist()
     ended = torch.isin(tokens, stops.cpu()) & live  # a row's stop is its last live token, if it hit one

@@ -125,13 +125,17 @@ class Engine:
         for r in self.held:  # held requests first, in arrival order
             (batch if r.sampling == first.sampling and len(batch) < self.max_batch else keep).append(r)
         self.held = keep
+        # a sliding window: go on collecting while requests keep arriving within batch_wait of each other
+        # (clients answered by the last batch send their next request together), for 5 x batch_wait at most
+        limit = time.monotonic() + 5 * self.batch_wait
         while len(batch) < self.max_batch:
-            left = deadline - time.monotonic()
+            left = min(deadline, limit) - time.monotonic()
             try:
-                r = self.pending.get(timeout=max(left, 0.0)) if left > 0 else self.pending.get_nowait()
+                r = self.pending.get(timeout=left) if left > 0 else self.pending.get_nowait()
             except queue.Empty:
                 break
             (batch if r.sampling == first.sampling else self.held).append(r)
+            deadline = time.monotonic() + self.batch_wait
         return [r for r in batch if not r.cancelled.is_set()]
 
     def _loop(self) -> None:
@@ -148,6 +152,9 @@ class Engine:
     def _decode(self, batch: list[Request]) -> None:
         streams = [_Stream(self.tok, r) for r in batch]
         names = [self.adapters.get(r.model, BASE_ADAPTER) for r in batch]
+        uniform = len(set(names)) == 1 and names[0] != BASE_ADAPTER
+        if uniform:  # one adapter for every row: PEFT's plain forward with it active (fewer kernels a step)
+            self.model.set_adapter(names[0])
         sampling, temperature, top_p = batch[0].sampling
 
         def on_step(tokens: torch.Tensor, live: torch.Tensor):
@@ -160,7 +167,7 @@ class Engine:
         seeds = [r.seed if r.seed is not None else next(self._seeds) for r in batch] if sampling else None
         out = sample_completions(self.model, [r.prompt_ids for r in batch], max(r.max_tokens for r in batch),
                                  self.stops, self.pad_id, temperature=temperature or 1.0, top_p=top_p,
-                                 do_sample=sampling, seeds=seeds, adapter_names=names,
+                                 do_sample=sampling, seeds=seeds, adapter_names=None if uniform else names,
                                  row_limits=[r.max_tokens for r in batch], on_step=on_step)
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
