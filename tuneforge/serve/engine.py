@@ -79,7 +79,7 @@ class Engine:
     `base_name`: the name requests use for the base alone."""
 
     def __init__(self, model, tokenizer, adapters: dict[str, str], base_name: str, max_batch: int = 16,
-                 max_queue: int = 64, batch_wait: float = 0.02):
+                 max_queue: int = 64, batch_wait: float = 0.05):
         self.model, self.tok = model, tokenizer
         self.adapters, self.base_name = dict(adapters), base_name
         self.max_batch, self.batch_wait = max_batch, batch_wait
