@@ -76,11 +76,19 @@ def curves(runs: list[dict]) -> list[dict]:
                     if key not in NOT_CURVES and _finite(value) and key not in keys:
                         keys.append(key)
         order = [k for k in FIRST if k in keys] + sorted(k for k in keys if k not in FIRST)
+        if split == "eval":  # a number measured only before training still gets its curve
+            for run in runs:
+                for key, value in (run["results"].get("eval_before") or {}).items():
+                    if key not in NOT_CURVES and _finite(value) and key not in order:
+                        order.append(key)
         for key in order:
             series = []
             for run in runs:
                 points = [[row["step"], row[key]] for row in run["rows"]
                           if row.get("split") == split and _finite(row.get(key)) and _finite(row.get("step"))]
+                before = (run["results"].get("eval_before") or {}).get(key) if split == "eval" else None
+                if _finite(before):  # the held-out numbers before training, at step 0
+                    points.insert(0, [0, before])
                 if points:
                     series.append({"name": run["name"], "points": points})
             if series:
@@ -269,7 +277,7 @@ opens with no network. Rebuild or compare runs with <code>tuneforge report RUN [
   }
   function label(v) {
     var a = Math.abs(v);
-    if (a !== 0 && (a < 1e-3 || a >= 1e5)) { return v.toExponential(1); }
+    if (a !== 0 && (a < 1e-2 || a >= 1e5)) { return v.toExponential(1); }
     return String(Math.round(v * 1000) / 1000);
   }
   function ticks(lo, hi, n) {
