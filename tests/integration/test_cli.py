@@ -80,5 +80,5 @@ def test_eval_stdout_is_the_json_alone(tmp_path, tiny_model_dir):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
-    assert set(result) == {"loss", "task"} and result["task"]["n"] == 3
+    assert set(result) == {"loss", "general", "task"} and result["task"]["n"] == 3
     assert "[model] held-out task accuracy" in r.stderr
