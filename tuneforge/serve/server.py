@@ -109,7 +109,7 @@ class Service:
             raise ApiError(400, f"{key} is {value}, over this server's limit of {lim.max_tokens} (--max-tokens)",
                            param=key)
         max_tokens = _number(body, key, min(lim.default_max_tokens, lim.max_tokens), 1, lim.max_tokens, True)
-        temperature = _number(body, "temperature", 0.0 if chat else 0.0, 0.0, 2.0)
+        temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
         seed = _number(body, "seed", None, 0, 2 ** 63 - 1, True)
         stream = body.get("stream", False)
