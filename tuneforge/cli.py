@@ -166,7 +166,7 @@ def cmd_chat(args) -> int:
     from tuneforge.adapters.lora import load_adapter
     from tuneforge.eval.generation import BASE_ADAPTER, generate
     from tuneforge.repl import chat_loop
-    specs = [_adapter_spec(s) for s in args.adapter or []]
+    specs = [_named_folder(s) for s in args.adapter or []]
     preflight.check_inputs([preflight.adapter_input(f"--adapter {n}", d) for n, d in specs])
     args.adapter = specs[0][1] if specs else None
     model, tokenizer, system = _load_for_inference(args)
@@ -199,11 +199,14 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _adapter_spec(spec: str) -> tuple[str, str]:
-    """--adapter NAME=DIR, or DIR alone (named after its folder)."""
+def _named_folder(spec: str, flag: str = "--adapter", name_required: bool = False) -> tuple[str, str]:
+    """(name, folder) of a repeatable `FLAG NAME=DIR`; DIR alone (named after its folder) unless a name is
+    required."""
     name, sep, folder = spec.partition("=")
     if sep and name and folder and not Path(spec).exists():
         return name, folder
+    if name_required:
+        raise TuneforgeError(f"{flag} {spec!r}: write NAME=DIR (the name requests use, then the folder)")
     return Path(spec.rstrip("/")).name or "adapter", spec
 
 
@@ -276,22 +279,29 @@ def _clip(text: str, limit: int = 50) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _served_adapters(args) -> tuple[str, list[tuple[str, str]], str | None]:
-    """(base, [(served name, adapter folder)], system prompt) from --model, --adapter NAME=DIR and --run."""
+def _served_models(args) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], str | None]:
+    """(base, [(served name, adapter folder)], [(served name, embedder folder)], system prompt) from --model,
+    --adapter NAME=DIR, --embedder NAME=DIR and --run (a LoRA run: an adapter; a contrastive run: an embedder).
+    The base is None when only embedders are served."""
     from tuneforge import preflight
     from tuneforge.config import load_config
     from tuneforge.run import tuned_weights
-    adapters, base, system = [], args.model, args.system
+    adapters, embedders, base, system = [], [], args.model, args.system
     for spec in args.adapter or []:
-        name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise TuneforgeError(f"--adapter {spec!r}: write NAME=DIR (the name requests use, the adapter folder)")
+        name, folder = _named_folder(spec, "--adapter", name_required=True)
         preflight.check_inputs([preflight.adapter_input(f"--adapter {name}", folder)])
         adapters.append((name, folder))
+    for spec in args.embedder or []:
+        name, folder = _named_folder(spec, "--embedder", name_required=True)
+        preflight.check_inputs(preflight.model_inputs(f"--embedder {name}", folder))
+        embedders.append((name, folder))
     for run in args.run or []:
         preflight.check_inputs([preflight.run_input("--run", run)])
         cfg = load_config(str(Path(run) / "config.yaml"), [])
         kind, final = tuned_weights(run)
+        if cfg.method == "contrastive":  # final/ is a sentence-transformers folder (LoRA merged into it)
+            embedders.append((Path(run).name, str(final)))
+            continue
         if kind != "adapter":
             raise TuneforgeError(f"--run {run}: its final/ is a whole model (full fine-tuning), not an adapter on a "
                                  f"shared base: serve it as --model {final}")
@@ -301,37 +311,48 @@ def _served_adapters(args) -> tuple[str, list[tuple[str, str]], str | None]:
         base = base or cfg.model.name
         system = system if system is not None else cfg.data.system_prompt
         adapters.append((Path(run).name, str(final)))
-    if base is None:
+    if base is None and (adapters or not embedders):
         from tuneforge.adapters.lora import adapter_base_model
         recorded = {adapter_base_model(folder) for _, folder in adapters} - {None}
         base = recorded.pop() if len(recorded) == 1 else "smollm2-135m-instruct"
-    preflight.check_inputs(preflight.model_inputs("--model", base))
-    return base, adapters, system
+    if base is not None:
+        preflight.check_inputs(preflight.model_inputs("--model", base))
+    return base, adapters, embedders, system
 
 
 def cmd_serve(args) -> int:
     import os
 
+    from tuneforge.serve.embeddings import load_embedder_folder
     from tuneforge.serve.engine import Engine
     from tuneforge.serve.server import Limits, Server, Service, load_served
-    base, adapters, system = _served_adapters(args)
-    model, tokenizer, names, base_name = load_served(base, adapters, args.base_name, args.threads)
-    engine = Engine(model, tokenizer, names, base_name, max_batch=args.max_batch, max_queue=args.max_queue)
+    base, adapters, embedder_specs, system = _served_models(args)
+    engine, tokenizer = None, None
+    if base is not None:
+        model, tokenizer, names, base_name = load_served(base, adapters, args.base_name, args.threads)
+        engine = Engine(model, tokenizer, names, base_name, max_batch=args.max_batch, max_queue=args.max_queue)
+    embedders = {}
+    for name, folder in embedder_specs:
+        if name in embedders or (engine is not None and name in engine.names):
+            raise TuneforgeError(f"two models are served as {name!r}: give each its own NAME")
+        embedders[name] = load_embedder_folder(name, folder, args.threads)
     key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=min(256, args.max_tokens))
-    server = Server(Service(engine, tokenizer, system, limits, key), args.host, args.port)
+    service = Service(engine, tokenizer, system, limits, key, embedders)
+    server = Server(service, args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
-    print(f"serving {', '.join(engine.names)} at {server.url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    print(f"serving {', '.join(service.names)} at {server.url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.httpd.server_close()
-        engine.close()
+        if engine is not None:
+            engine.close()
     return 0
 
 
@@ -475,8 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="the base model (default: the adapters' or runs' recorded base)")
     sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
                     help="a LoRA adapter served as NAME (repeatable)")
-    sv.add_argument("--run", action="append", help="a LoRA training run, served under its folder's name "
-                                                   "(repeatable)")
+    sv.add_argument("--embedder", action="append", metavar="NAME=DIR",
+                    help="an embedding model (a contrastive run's final/, a sentence-transformers folder or "
+                         "all-minilm-l6-v2) served on /v1/embeddings as NAME (repeatable)")
+    sv.add_argument("--run", action="append", help="a training run served under its folder's name: a LoRA run "
+                                                   "as an adapter, a contrastive run as an embedder (repeatable)")
     sv.add_argument("--base-name", help="the name requests use for the base alone (default: --model as given)")
     sv.add_argument("--system", default=None, help="system prompt for chat requests (default: the run's)")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")

@@ -260,3 +260,50 @@ def test_mixed_lora_rows_equal_each_adapter_alone(tiny_model_dir, adapters):
         only_base = model(**ids).logits
     with torch.no_grad(), model.disable_adapter():
         torch.testing.assert_close(only_base, model(**ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_n_choices_and_stop_strings(server, generated):
+    c = client(server)
+    two = chat(c, "alpha", PROMPTS[0], n=2)
+    assert [ch.index for ch in two.choices] == [0, 1]
+    assert [ch.message.content for ch in two.choices] == [generated["alpha"][0]] * 2  # greedy: the same answer
+    assert two.usage.completion_tokens == 2 * chat(c, "alpha", PROMPTS[0]).usage.completion_tokens
+    sampled = [c.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                         max_tokens=MAX, temperature=1.0, n=3, seed=11) for _ in range(2)]
+    texts = [[ch.message.content for ch in s.choices] for s in sampled]
+    assert texts[0] == texts[1]  # a seed makes the choices reproducible ...
+    assert len(set(texts[0])) > 1  # ... and each choice samples its own tokens
+    # a stop string taken from the middle of a greedy answer: the text ends before it, finish_reason "stop"
+    name, answer = max(((n, a) for n, answers in generated.items() for a in answers), key=lambda x: len(x[1]))
+    assert len(answer) >= 6
+    prompt = PROMPTS[generated[name].index(answer)]
+    stop = answer[len(answer) // 2:len(answer) // 2 + 2]
+    want = answer[:answer.find(stop)].strip()
+    cut = chat(c, name, prompt, stop=[stop, "never-appears"])
+    assert cut.choices[0].message.content == want and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < chat(c, name, prompt).usage.completion_tokens
+    streamed = list(chat(c, name, prompt, stop=stop, stream=True, n=2))
+    for i in (0, 1):  # the streamed deltas never show the stop string, even when a token ends halfway into it
+        text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices[0].index == i)
+        assert text.strip() == want
+        assert [ch.choices[0].finish_reason for ch in streamed if ch.choices[0].index == i][-1] == "stop"
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        chat(c, "base", "hi", stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        chat(c, "base", "hi", n=0)
+
+
+def test_stream_holds_back_what_may_begin_a_stop_string(tiny_tokenizer):
+    """_Stream by hand: the delta stops short of a possible stop string's start; text after a stop is dropped."""
+    from tuneforge.serve.engine import Request, _Stream
+    ids = tiny_tokenizer("hello world, stop here", add_special_tokens=False)["input_ids"]
+    request = Request("base", [1], 32, stop=("wor", "ld, s"))
+    stream = _Stream(tiny_tokenizer, request)
+    seen = []
+    for token in ids:
+        stream.push(token)
+        while not request.events.empty():
+            seen.append(request.events.get()[2])
+        assert "wor" not in "".join(seen)
+    assert request.stop_hit.is_set() and stream.flush() == "hello"
+    assert "".join(seen) + "".join(e[2] for e in list(request.events.queue)) == "hello "

@@ -6,8 +6,12 @@ One worker thread owns the model. Requests wait in a bounded queue; the worker t
 adapter (PEFT's mixed-adapter batches; the base's rows through none). Requests that sample with other settings
 than the first's wait for the next batch (one temperature and top-p a batch). Every new token is decoded and
 handed to its request's event queue as it comes (streaming); a request whose client went away is cancelled
-and its row stops. Greedy rows decode exactly as `tuneforge generate` does: the same prompt rendering and the
-same core.
+and its row stops; so does a row whose text reached one of its `stop` strings (the text is cut before it, and
+a streamed delta never shows the start of a stop string that may yet complete). Greedy rows decode exactly as
+`tuneforge generate` does: the same prompt rendering and the same core.
+
+A request's `n` choices are `n` Requests sharing one event queue, each with its `index`; they have the same
+sampling settings, so they are decoded in one batch.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ class QueueFull(TuneforgeError):
 
 @dataclass
 class Request:
-    """One completion to decode. Events on `events`: ("delta", text), then ("done", finish_reason, usage) or
-    ("error", message)."""
+    """One completion to decode. Events on `events`, each tagged with the request's `index` (its choice):
+    ("delta", index, text), then ("done", index, finish_reason, usage, text) or ("error", index, message)."""
 
     model: str
     prompt_ids: list[int]
@@ -40,9 +44,12 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    index: int = 0
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
+    stop_hit: threading.Event = field(default_factory=threading.Event)  # its text reached a stop string
 
     @property
     def sampling(self) -> tuple:
@@ -51,26 +58,46 @@ class Request:
 
 class _Stream:
     """Incremental detokenisation of one row: the text so far, handed out as deltas (leading whitespace held
-    back, as `generate` strips it; a partial UTF-8 character held until it completes)."""
+    back, as `generate` strips it; a partial UTF-8 character held until it completes; the end of the text held
+    while it is the start of a stop string). At a stop string the text is cut before it and the row is done."""
 
     def __init__(self, tokenizer, request: Request):
         self.tok, self.request, self.sent = tokenizer, request, ""
 
-    def push(self, token: int) -> None:
-        self.request.tokens.append(token)
+    def _text(self) -> str:
         text = self.tok.decode(self.request.tokens, skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd") or len(text) <= len(self.sent):
+        cuts = [i for i in (text.find(s) for s in self.request.stop) if i >= 0]
+        if cuts:
+            self.request.stop_hit.set()
+            return text[:min(cuts)]
+        return text
+
+    def _held(self, text: str) -> int:
+        """How many characters at the end of `text` could begin a stop string."""
+        return max((k for s in self.request.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.request.events.put(("delta", self.request.index, text[len(self.sent):]))
+            self.sent = text
+
+    def push(self, token: int) -> None:
+        if self.request.stop_hit.is_set():
             return
-        self.request.events.put(("delta", text[len(self.sent):]))
-        self.sent = text
+        self.request.tokens.append(token)
+        text = self._text()
+        if self.request.stop_hit.is_set():
+            return self._send(text)
+        if text.endswith("\ufffd"):
+            return
+        self._send(text[:len(text) - self._held(text)])
 
     def flush(self) -> str:
         """The rest of the text (a character still incomplete at the end included); the whole answer,
         stripped as `generate` strips it."""
-        text = self.tok.decode(self.request.tokens, skip_special_tokens=True).lstrip()
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.request.events.put(("delta", text[len(self.sent):]))
-            self.sent = text
+        text = self._text() if not self.request.stop_hit.is_set() else self.sent
+        self._send(text)
         return text.strip()
 
 
@@ -147,7 +174,7 @@ class Engine:
                 self._decode(batch)
             except Exception as exc:  # noqa: BLE001 - every waiting client gets the message, the server goes on
                 for r in batch:
-                    r.events.put(("error", f"{type(exc).__name__}: {exc}"))
+                    r.events.put(("error", r.index, f"{type(exc).__name__}: {exc}"))
 
     def _decode(self, batch: list[Request]) -> None:
         streams = [_Stream(self.tok, r) for r in batch]
@@ -161,8 +188,8 @@ class Engine:
             for i, (token, alive) in enumerate(zip(tokens.tolist(), live.tolist())):
                 if alive:
                     streams[i].push(token)
-            cancelled = [r.cancelled.is_set() for r in batch]
-            return torch.tensor(cancelled) if any(cancelled) else None
+            ended = [r.cancelled.is_set() or r.stop_hit.is_set() for r in batch]
+            return torch.tensor(ended) if any(ended) else None
 
         seeds = [r.seed if r.seed is not None else next(self._seeds) for r in batch] if sampling else None
         out = sample_completions(self.model, [r.prompt_ids for r in batch], max(r.max_tokens for r in batch),
@@ -176,4 +203,6 @@ class Engine:
         for r, s, tokens, stopped in zip(batch, streams, out.tokens, out.stopped):
             usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(tokens),
                      "total_tokens": len(r.prompt_ids) + len(tokens)}
-            r.events.put(("done", "stop" if stopped else "length", usage, s.flush()))
+            text = s.flush()
+            finish = "stop" if stopped or r.stop_hit.is_set() else "length"
+            r.events.put(("done", r.index, finish, usage, text))
