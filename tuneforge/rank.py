@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from tuneforge.errors import DataError, TuneforgeError
+from tuneforge.repl import terminal_input
 
 SIDECAR_SUFFIX = ".ties-skips"
 HELP = """\
@@ -191,7 +192,7 @@ class Session:
     out: Path
     meta: dict  # model, adapter, run, sampling settings: copied into every record
     ask_skipped: bool = False
-    read_line: Callable[[str], str] = input
+    read_line: Callable[[str], str] = terminal_input
     say: Callable[[str], None] = print
 
 

@@ -8,6 +8,9 @@ backslash continues on the next one.
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import sys
 from typing import Callable
 
@@ -18,6 +21,57 @@ ADAPTER = "/adapter"  # "/adapter" lists the adapters, "/adapter NAME" switches 
 
 HOW_TO = ('multi-line message: a line """ opens it and another """ sends it (blank lines inside are kept), '
           "or end a line with \\ to go on; /quit or Ctrl-D ends the chat")
+
+
+_unread = bytearray()  # what terminal_input read past the end of the line it returned (pasted lines)
+
+
+def terminal_input(prompt: str = "") -> str:
+    """input() for an interactive terminal, without its Ctrl-C race.
+
+    input() writes the prompt and then blocks in read(); a Ctrl-C that lands between the two (a script, or a
+    person, typing it as the prompt appears) is handled by the C-level signal handler and then nothing wakes
+    the read up: the program hangs until Enter. Here the signal's wakeup byte (signal.set_wakeup_fd) is
+    selected together with the terminal, so a Ctrl-C at any moment raises KeyboardInterrupt. Ctrl-D on an empty
+    line raises EOFError, as input() does. Not a POSIX terminal, or not the main thread: input() itself."""
+    try:
+        fd = sys.stdin.fileno()
+        interactive = os.name == "posix" and os.isatty(fd)
+    except (AttributeError, OSError, ValueError):  # replaced by a StringIO (tests), or closed
+        interactive = False
+    if not interactive:
+        return input(prompt)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    try:
+        previous = signal.set_wakeup_fd(wake_w)
+    except ValueError:  # not the main thread
+        os.close(wake_r)
+        os.close(wake_w)
+        return input(prompt)
+    try:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        while b"\n" not in _unread:
+            ready, _, _ = select.select([fd, wake_r], [], [])
+            if wake_r in ready:
+                os.read(wake_r, 512)  # a signal came: its Python handler runs at the loop's next step
+                continue
+            data = os.read(fd, 4096)
+            if not data:  # Ctrl-D: the end of input
+                if not _unread:
+                    raise EOFError
+                break
+            _unread.extend(data)
+        end = _unread.find(b"\n")
+        end = len(_unread) if end < 0 else end
+        line = bytes(_unread[:end])
+        del _unread[:end + 1]
+        return line.decode("utf-8", "replace")
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def banner(keep_history: bool) -> str:
@@ -80,7 +134,7 @@ def _continued(line: str, read_line) -> str:
 
 
 def chat_loop(respond: Callable[[list[dict]], str], keep_history: bool = True,
-              read_line: Callable[[str], str] = input, write: Callable[[str], None] = print,
+              read_line: Callable[[str], str] = terminal_input, write: Callable[[str], None] = print,
               note: Callable[[str], None] | None = None, switch: Callable[[str | None], str] | None = None) -> None:
     """Read messages until /quit or the end of input; `respond(conversation)` gives the assistant's reply.
 
