@@ -122,3 +122,17 @@ def test_lora_branches_decode_in_float32_under_cpu_autocast_and_are_restored(tin
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sample_completions(model, [[5, 17, 42, 99]], 5, [], 0, temperature=1.0, seeds=[3])
     assert all("forward" not in vars(m) for m in layers) and len(out.tokens[0]) == 5
+
+
+def test_forwards_replaced_restores_every_forward_even_on_error():
+    from tuneforge.eval.generation import forwards_replaced
+    layers = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    x = torch.ones(1, 2)
+    want = [layer(x) for layer in layers]
+    with pytest.raises(RuntimeError, match="inside"):
+        with forwards_replaced([(layer, lambda x: x * 0) for layer in layers]):
+            assert all(float(layer(x).abs().sum()) == 0 for layer in layers)
+            raise RuntimeError("inside")
+    assert all("forward" not in vars(layer) for layer in layers)
+    for layer, w in zip(layers, want):
+        torch.testing.assert_close(layer(x), w)

@@ -119,6 +119,22 @@ def _float32_linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def forwards_replaced(replacements: list[tuple[torch.nn.Module, Callable]]):
+    """Each module's forward replaced by its function (an instance attribute, shadowing the class's) while
+    inside; every one restored on exit, an error included. The one way the decoding contexts below patch
+    layers."""
+    done = []
+    try:
+        for module, forward in replacements:
+            module.forward = forward
+            done.append(module)
+        yield
+    finally:
+        for module in done:
+            del module.forward
+
+
+@contextlib.contextmanager
 def thin_lora_in_float32(model, device: torch.device):
     """While decoding under autocast on a CPU, the LoRA branches' thin matmuls (16 rows x 576 x r=16 for
     SmolLM2) in float32, the adapter's own dtype: oneDNN's bf16 path takes 3-5x longer on such shapes than
@@ -136,13 +152,9 @@ def thin_lora_in_float32(model, device: torch.device):
                 continue
             for layer in branch.values():
                 if isinstance(layer, torch.nn.Linear) and layer.weight.dtype == torch.float32:
-                    layer.forward = functools.partial(_float32_linear, layer)  # an instance attribute
-                    patched.append(layer)
-    try:
+                    patched.append((layer, functools.partial(_float32_linear, layer)))
+    with forwards_replaced(patched):
         yield
-    finally:
-        for layer in patched:
-            del layer.forward
 
 
 def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, x: torch.Tensor):
@@ -217,13 +229,9 @@ def packed_bf16_linears(body, device: torch.device, rows: int):
                 continue
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous(), rows)
             bias = base.bias.detach().to(dtype) if base.bias is not None else None
-            module.forward = functools.partial(_packed_linear, packed, bias, dtype)  # an instance attribute
-            patched.append(module)
-    try:
+            patched.append((module, functools.partial(_packed_linear, packed, bias, dtype)))
+    with forwards_replaced(patched):
         yield
-    finally:
-        for module in patched:
-            del module.forward
 
 
 def _parts(model):
@@ -311,8 +319,7 @@ def mixed_lora(model, names: Sequence[str]):
     for layer in layers:
         present = [a for a in used if a in layer.lora_A]
         if not present:  # only base rows pass here: the base layer alone, whatever adapter PEFT has active
-            layer.forward = layer.base_layer.forward
-            patched.append(layer)
+            patched.append((layer, layer.base_layer.forward))
             continue
         weight = layer.lora_A[present[0]].weight
         a_cat = torch.cat([layer.lora_A[a].weight.detach() for a in present])  # (R, in)
@@ -325,13 +332,9 @@ def mixed_lora(model, names: Sequence[str]):
         for row, name in enumerate(names):
             if name in spans:
                 masks[row, :, spans[name][0]:spans[name][1]] = 1.0
-        layer.forward = functools.partial(_mixed_lora_forward, layer, a_cat, b_cat, masks)
-        patched.append(layer)
-    try:
+        patched.append((layer, functools.partial(_mixed_lora_forward, layer, a_cat, b_cat, masks)))
+    with forwards_replaced(patched):
         yield
-    finally:
-        for layer in patched:
-            del layer.forward
 
 
 @torch.no_grad()
