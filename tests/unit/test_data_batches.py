@@ -150,3 +150,13 @@ def test_packed_preference_logits_equal_padded(tmp_path, tiny_model_dir, tiny_to
     for s in range(len(padded["last_index"])):
         torch.testing.assert_close(b[packed["sequence_ids"] == s], a[padded["sequence_ids"] == s],
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_the_cache_key_covers_the_data_code(monkeypatch):
+    """A changed builder (its source) never reuses an entry an older one built."""
+    from tuneforge.data import cache
+    parts = {"builder": "pair", "data": {"max_length": 8}}
+    before = cache.cache_key(**parts)
+    assert cache.cache_key(**parts) == before  # stable
+    monkeypatch.setattr(cache, "code_fingerprint", lambda: "another-version")
+    assert cache.cache_key(**parts) != before

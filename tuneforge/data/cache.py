@@ -22,6 +22,7 @@ of several named sequences (preference, pair, prompt) add:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -61,8 +62,25 @@ def file_fingerprints(paths) -> list:
     return out
 
 
+# The modules whose code decides what an entry holds (its tokens, masks and build statistics). Their source is
+# part of every key, so a changed builder never serves an entry an older one made: FORMAT_VERSION alone was
+# bumped by hand and missed a change that only touched the statistics (a stale "truncated_left" on pair data).
+CODE_MODULES = ("builders.py", "chat.py", "audit.py", "records.py", "readers.py", "split.py", "example.py", "preference.py",
+                "dataset.py", "cache.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in CODE_MODULES:
+        path = here / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_key(**parts) -> str:
-    blob = json.dumps({"v": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    blob = json.dumps({"v": FORMAT_VERSION, "code": code_fingerprint(), **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
