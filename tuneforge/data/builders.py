@@ -254,13 +254,20 @@ class PairBuilder(Builder):
         return TokenizedExample(ids, [1] * len(ids), rec.source)  # (`truncated` means cut on the left)
 
 
-def embedder_ids(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
-    """(token ids, cut?) of one text as an embedder reads it: plain text with the tokenizer's own special tokens,
-    cut on the right to max_length by the tokenizer's own truncation (which keeps a closing [SEP])."""
+def embedder_tokens(tokenizer, text: str, max_length: int) -> tuple[list[int], int]:
+    """(token ids, the text's token count before any cut) of one text as an embedder reads it: plain text with
+    the tokenizer's own special tokens, cut on the right to max_length by the tokenizer's own truncation (which
+    keeps a closing [SEP])."""
     ids = _encode(tokenizer, text, add_special_tokens=True)
     if len(ids) <= max_length:
-        return list(ids), False
-    return list(_encode(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)), True
+        return list(ids), len(ids)
+    return list(_encode(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)), len(ids)
+
+
+def embedder_ids(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
+    """(token ids, cut?) of one text as an embedder reads it (`embedder_tokens`)."""
+    ids, count = embedder_tokens(tokenizer, text, max_length)
+    return ids, count > len(ids)
 
 
 class PromptBuilder(Builder):

@@ -65,8 +65,8 @@ def file_fingerprints(paths) -> list:
 # The modules whose code decides what an entry holds (its tokens, masks and build statistics). Their source is
 # part of every key, so a changed builder never serves an entry an older one made: FORMAT_VERSION alone was
 # bumped by hand and missed a change that only touched the statistics (a stale "truncated_left" on pair data).
-CODE_MODULES = ("builders.py", "chat.py", "audit.py", "records.py", "readers.py", "split.py", "example.py", "preference.py",
-                "dataset.py", "cache.py")
+CODE_MODULES = ("builders.py", "chat.py", "audit.py", "records.py", "readers.py", "split.py", "example.py",
+                "preference.py", "dataset.py", "cache.py")
 
 
 @functools.lru_cache(maxsize=1)

@@ -68,7 +68,8 @@ def _json(path: Path) -> dict:
 
 @dataclass
 class Embedder:
-    """One served embedding model: `embed(texts)` gives (N, H) float32 vectors and the token count."""
+    """One served embedding model: `tokens(text)` tokenises as training did, `embed(sequences)` gives their
+    (N, H) float32 vectors."""
 
     name: str
     module: torch.nn.Module  # the TrainModule around the encoder body
@@ -83,17 +84,12 @@ class Embedder:
     def dim(self) -> int:
         return int(self.module.model.config.hidden_size)
 
-    def encode(self, texts: list[str], input_type: str | None = None) -> list[tuple[list[int], int]]:
-        """(token ids, tokens before the cut) of each text as training tokenised it: the prompt of `input_type`
+    def tokens(self, text: str, input_type: str | None = None) -> tuple[list[int], int]:
+        """(token ids, tokens before the cut) of a text as training tokenised it: the prompt of `input_type`
         before it, special tokens, cut at max_length."""
-        from tuneforge.data.builders import embedder_ids
+        from tuneforge.data.builders import embedder_tokens
         prefix = self.prompts.get(input_type, "") if input_type else ""
-        out = []
-        for text in texts:
-            full = self.tokenizer(prefix + text, add_special_tokens=True)["input_ids"]
-            out.append((list(full) if len(full) <= self.max_length else
-                        embedder_ids(self.tokenizer, prefix + text, self.max_length)[0], len(full)))
-        return out
+        return embedder_tokens(self.tokenizer, prefix + text, self.max_length)
 
     def embed(self, sequences: list[list[int]]) -> torch.Tensor:
         from tuneforge.objectives.contrastive import embed_ids

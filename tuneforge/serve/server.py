@@ -174,27 +174,22 @@ class Service:
         if dimensions is not None and dimensions != embedder.dim:
             raise ApiError(400, f"{model} gives {embedder.dim}-dimensional vectors; it was not trained to be cut "
                            f"to {dimensions!r} (leave out 'dimensions')", param="dimensions")
-        texts, sequences, sent = [], [], []
+        vocab, sequences = len(embedder.tokenizer), []
         for i, x in enumerate(inputs):
             if isinstance(x, str):
                 if not x.strip():
                     raise ApiError(400, f"input[{i}] is empty", param=f"input[{i}]")
-                texts.append(i)
-                sequences.append(None)
-                sent.append(0)
-            elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool)
-                                                   and 0 <= t < len(embedder.tokenizer) for t in x):
-                sequences.append(x[:embedder.max_length])  # cut at the embedder's length, as a text is
-                sent.append(len(x))
+                ids, sent = embedder.tokens(x, input_type)
+            elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                   for t in x):
+                ids, sent = x[:embedder.max_length], len(x)  # cut at the embedder's length, as a text is
             else:
                 raise ApiError(400, f"input[{i}] must be a non-empty string or a list of token ids", param=f"input[{i}]")
-        for i, (ids, full) in zip(texts, embedder.encode([inputs[i] for i in texts], input_type)):
-            sequences[i], sent[i] = ids, full
-        for i, n in enumerate(sent):
-            if n > lim.max_prompt_tokens:
-                raise ApiError(400, f"input[{i}] is {n} tokens, over this server's limit of "
+            if sent > lim.max_prompt_tokens:
+                raise ApiError(400, f"input[{i}] is {sent} tokens, over this server's limit of "
                                f"{lim.max_prompt_tokens} (--max-prompt-tokens)", param=f"input[{i}]",
                                code="context_length_exceeded")
+            sequences.append(ids)
         vectors = embedder.embed(sequences)
         data = []
         for i, v in enumerate(vectors):
