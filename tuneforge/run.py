@@ -80,12 +80,14 @@ def make_objective(cfg: RunConfig, tokenizer=None):
 
 
 def apply_speed_switches(cfg: RunConfig, model) -> None:
-    """Fused LoRA dropout, activation checkpointing and torch.compile (on the transformers model, under any
-    PEFT wrapper)."""
+    """Fused LoRA dropout, sparse dropout, activation checkpointing and torch.compile (on the transformers model,
+    under any PEFT wrapper)."""
     base = unwrap(model)
     if cfg.lora.enabled and cfg.lora.fused_dropout:
         from tuneforge.adapters.fused_dropout import fuse_lora_dropout
         fuse_lora_dropout(model)
+    if cfg.train.sparse_dropout:
+        sparse_model_dropout(base)
     if cfg.train.activation_checkpointing:
         # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen LoRA base
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -94,6 +96,19 @@ def apply_speed_switches(cfg: RunConfig, model) -> None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile:
         base.get_decoder().compile()
+
+
+def sparse_model_dropout(base) -> None:
+    """Sparse dropout (models/dropout.py) for the transformers model `base`: its `nn.Dropout` modules, and under
+    SDPA attention with attention dropout, "tuneforge_sdpa" (models/attention.py), the same SDPA path except
+    the CPU's dropped-out attention probabilities."""
+    from tuneforge.models.attention import attention_dropout, register_sdpa
+    from tuneforge.models.dropout import sparse_dropouts
+    sparse_dropouts(base)
+    config = getattr(base, "config", None)
+    if (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+            and attention_dropout(config) > 0 and hasattr(base, "set_attn_implementation")):
+        base.set_attn_implementation(register_sdpa())
 
 
 def packing_on(cfg: RunConfig, model) -> bool:

@@ -52,9 +52,13 @@ def _batch(tokenizer, examples):
     return {**collate_sequences(examples, tokenizer.pad_token_id), "texts": [ex.texts for ex in examples]}
 
 
-def _module(bert_dir, dropout_off=True, learned=False):
+def _module(bert_dir, dropout_off=True, learned=False, sparse=False):
+    """`sparse`: the model's dropout drawn sparsely (train.sparse_dropout, the default of a run)."""
     from tuneforge.models.load import load_embedding_model
+    from tuneforge.run import sparse_model_dropout
     model, tok = load_embedding_model(bert_dir)
+    if sparse:
+        sparse_model_dropout(model)
     if dropout_off:
         model.config.hidden_dropout_prob = 0.0
         for m in model.modules():
@@ -102,8 +106,9 @@ def test_the_negative_pool_is_the_whole_update_not_one_micro_batch(bert_dir):
     assert cached.loss_sum > separate + 1e-3  # more negatives, a larger loss
 
 
-def test_the_cached_pass_replays_dropout(bert_dir):
-    module, tok = _module(bert_dir, dropout_off=False)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_cached_pass_replays_dropout(bert_dir, sparse):
+    module, tok = _module(bert_dir, dropout_off=False, sparse=sparse)
     batch = _batch(tok, _examples(tok, n=4))
     state = _rng_state(torch.device("cpu"))
     with torch.no_grad():
@@ -183,8 +188,9 @@ def test_a_tiny_run_learns_and_saves_a_folder_both_libraries_load(bert_dir, tmp_
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
-def test_the_objective_re_embeds_each_micro_batch_with_the_dropout_of_its_cached_pass(bert_dir, monkeypatch):
-    module, tok = _module(bert_dir, dropout_off=False)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_objective_re_embeds_each_micro_batch_with_the_dropout_of_its_cached_pass(bert_dir, monkeypatch, sparse):
+    module, tok = _module(bert_dir, dropout_off=False, sparse=sparse)
     objective = ContrastiveObjective()
     seen = []
     original = ContrastiveObjective._parts

@@ -128,6 +128,10 @@ class TrainSection(Section):
     """Recompute each layer's activations in backward: less memory, one more forward pass of compute."""
     compile: bool = False
     """torch.compile the model body (first steps pay the compilation)."""
+    sparse_dropout: bool = True
+    """The model's dropout (hidden states and attention probabilities) drawn on the CPU as the positions it drops,
+    one random draw per dropped element (models/dropout.py): the same Bernoulli dropout, 10x fewer draws at p = 0.1,
+    less memory. False runs PyTorch's own per-element dropout. No effect on GPUs or models without dropout."""
 
 
 class DPOSection(Section):
