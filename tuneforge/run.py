@@ -86,7 +86,7 @@ def apply_speed_switches(cfg: RunConfig, model) -> None:
     if cfg.lora.enabled and cfg.lora.fused_dropout:
         from tuneforge.adapters.fused_dropout import fuse_lora_dropout
         fuse_lora_dropout(model)
-    if cfg.train.sparse_dropout:
+    if cfg.train.sparse_dropout and not cfg.train.compile:  # compiled kernels draw their own dropout masks
         sparse_model_dropout(base)
     if cfg.train.activation_checkpointing:
         # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen LoRA base

@@ -131,7 +131,8 @@ class TrainSection(Section):
     sparse_dropout: bool = True
     """The model's dropout (hidden states and attention probabilities) drawn on the CPU as the positions it drops,
     one random draw per dropped element (models/dropout.py): the same Bernoulli dropout, 10x fewer draws at p = 0.1,
-    less memory. False runs PyTorch's own per-element dropout. No effect on GPUs or models without dropout."""
+    less memory. False runs PyTorch's own per-element dropout. No effect on GPUs, under train.compile or on models
+    without dropout."""
 
 
 class DPOSection(Section):

@@ -19,7 +19,8 @@ and cached mini-batching's replay (objectives/contrastive.py) see the same masks
   switches them back.
 - `sparse_dropout(x, p)` is the function, for attention probabilities (models/attention.py "tuneforge_sdpa").
 
-On by default (`train.sparse_dropout`); false runs PyTorch's own dropout.
+On by default (`train.sparse_dropout`), off under `train.compile` (its kernels draw their own masks); false
+runs PyTorch's own dropout.
 """
 
 from __future__ import annotations
