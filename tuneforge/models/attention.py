@@ -31,8 +31,6 @@ import torch.nn.functional as F
 
 NAME = "tuneforge_varlen"
 SDPA_NAME = "tuneforge_sdpa"  # transformers' SDPA, with sparse attention dropout on the CPU (`dropout_sdpa`)
-_registered = False
-_sdpa_registered = False
 # (position_ids tensor, its version, rows, spans): every layer of a forward pass gets the same tensor object.
 # Holding the tensor itself (not its address) means a later batch can never be mistaken for it.
 _spans_cache: tuple | None = None
@@ -176,15 +174,23 @@ def dropout_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
 
 def register_sdpa() -> str:
     """Make "tuneforge_sdpa" a valid `attn_implementation` (the masks are SDPA's own); returns the name."""
-    global _sdpa_registered
-    if not _sdpa_registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
+    return _register(SDPA_NAME, dropout_sdpa, sdpa_mask)
 
-        AttentionInterface.register(SDPA_NAME, dropout_sdpa)
-        AttentionMaskInterface.register(SDPA_NAME, sdpa_mask)
-        _sdpa_registered = True
-    return SDPA_NAME
+
+_REGISTERED: set[str] = set()
+
+
+def _register(name: str, attention, mask) -> str:
+    """Register `attention` and its `mask` function with transformers under `name`, once."""
+    if name not in _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+        _REGISTERED.add(name)
+    return name
 
 
 def attention_dropout(config) -> float:
@@ -244,12 +250,4 @@ def is_varlen(model) -> bool:
 
 def register() -> str:
     """Make "tuneforge_varlen" a valid `attn_implementation` for transformers models; returns the name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface.register(NAME, varlen_sdpa)
-        AttentionMaskInterface.register(NAME, _varlen_mask)
-        _registered = True
-    return NAME
+    return _register(NAME, varlen_sdpa, _varlen_mask)
