@@ -1,8 +1,8 @@
 """Sparse dropout on the CPU: the same Bernoulli dropout as PyTorch's, drawn as the positions it drops.
 
 PyTorch's CPU dropout draws one Bernoulli value per element from its sequential generator (`bernoulli_`), then
-multiplies by a float32 noise tensor it keeps for the backward pass. On an encoder with dropout that dominates
-more than the matrix products suggest: one contrastive step of all-MiniLM-L6-v2 (64 pairs, 128 sequences up to
+multiplies by a float32 noise tensor it keeps for the backward pass. On an encoder with dropout those draws are
+a large share of a step: one contrastive step of all-MiniLM-L6-v2 (64 pairs, 128 sequences up to
 128 tokens, float32, 2-core CPU, torch profiler) spent 1.74 s of 7.97 s in `bernoulli_`, over the 19 dropouts
 of each forward (embeddings, and per layer the attention probabilities and two hidden-state dropouts).
 
