@@ -17,7 +17,7 @@ from tuneforge.errors import DataError
 from tuneforge.models.embedder import embed, pool
 from tuneforge.models.heads import TrainModule
 from tuneforge.models.tiny import make_tiny_bert_dir
-from tuneforge.objectives.contrastive import ContrastiveObjective, _replay, _rng_state
+from tuneforge.objectives.contrastive import ContrastiveObjective, _replay, _rng_state, length_groups
 from tuneforge.objectives.contrastive_losses import LearnedTemperature
 from tuneforge.train.loop import accumulate_update, make_autocast
 
@@ -29,14 +29,17 @@ def bert_dir(tmp_path_factory):
     return make_tiny_bert_dir(str(tmp_path_factory.mktemp("tiny_bert")))
 
 
-def _examples(tokenizer, n=8, negatives=True, duplicate=True):
-    """Pair examples as the pair builder makes them (anchor, positive, negatives; texts kept)."""
+def _examples(tokenizer, n=8, negatives=True, duplicate=True, long_odd=False):
+    """Pair examples as the pair builder makes them (anchor, positive, negatives; texts kept); `long_odd`: the
+    odd examples' anchors several times longer (lengths that the loader's order mixes)."""
     from tuneforge.data.chat import TokenizedExample
     from tuneforge.data.example import Example
     out = []
     for i in range(n):
         texts = {"anchor": f"question number {i} about item {i * 7}", "positive": f"answer {i}: item {i * 7}",
                  "negatives": [f"answer {i}: item {i * 7 + 1}"] if negatives and i % 2 else []}
+        if long_odd and i % 2:
+            texts["anchor"] += " and then some more words about it" * 4
         if duplicate and i == n - 1:  # the same positive text as example 0: a false negative for both
             texts["positive"] = out[0].texts["positive"]
         seqs, roles = [], []
@@ -93,6 +96,24 @@ def test_cached_mini_batches_give_the_gradients_of_one_full_batch(bert_dir, symm
         torch.testing.assert_close(g_cached[name], g_full[name], rtol=1e-5, atol=1e-5, msg=name)
     for key in ("accuracy", "positive_similarity", "hardest_negative_similarity"):
         assert abs(full.metrics[key][0] - cached.metrics[key][0]) < 1e-4, key
+
+
+def test_cached_gradients_are_exact_whatever_the_length_groups_in_float64(bert_dir):
+    """Texts of mixed lengths: the length groups embed other texts together than the micro-batches hold; in
+    float64 the cached update equals one full-batch pass to rounding (float32 leaves ~1e-5 of summation order)."""
+    module, tok = _module(bert_dir, learned=True)
+    module.double()
+    objective = ContrastiveObjective("mean", True, 0.05, symmetric=True, learn_temperature=True)
+    examples = _examples(tok, long_odd=True)
+    batches = [_batch(tok, examples[i:i + 3]) for i in range(0, 8, 3)]
+    groups = length_groups(batches, tok.pad_token_id)  # other texts together: less padding
+    assert sum(g["input_ids"].numel() for g in groups) < sum(b["input_ids"].numel() for b in batches)
+    full, g_full = _update(module, objective, [_batch(tok, examples)])
+    cached, g_cached = _update(module, objective, batches)
+    assert abs(full.loss_sum - cached.loss_sum) < 1e-10 * abs(full.loss_sum)
+    assert "heads.temperature.log_scale" in g_full and len(g_full) > 10
+    for name in g_full:
+        torch.testing.assert_close(g_cached[name], g_full[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_the_negative_pool_is_the_whole_update_not_one_micro_batch(bert_dir):
@@ -189,24 +210,45 @@ def test_a_tiny_run_learns_and_saves_a_folder_both_libraries_load(bert_dir, tmp_
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_the_objective_re_embeds_each_micro_batch_with_the_dropout_of_its_cached_pass(bert_dir, monkeypatch, sparse):
+def test_the_objective_re_embeds_each_length_group_with_the_dropout_of_its_cached_pass(bert_dir, monkeypatch,
+                                                                                        sparse):
     module, tok = _module(bert_dir, dropout_off=False, sparse=sparse)
     objective = ContrastiveObjective()
     seen = []
-    original = ContrastiveObjective._parts
+    original = ContrastiveObjective._embed
 
     def recording(self, module, batch):
-        parts = original(self, module, batch)
-        seen.append(parts.anchors.detach().clone())
-        return parts
+        vectors, temperature = original(self, module, batch)
+        seen.append((batch["input_ids"].clone(), vectors.detach().clone()))
+        return vectors, temperature
 
-    monkeypatch.setattr(ContrastiveObjective, "_parts", recording)
+    monkeypatch.setattr(ContrastiveObjective, "_embed", recording)
     examples = _examples(tok)
     _update(module, objective, [_batch(tok, examples[:4]), _batch(tok, examples[4:])])
     assert len(seen) == 4  # two cached passes, then two passes with gradients
-    torch.testing.assert_close(seen[2], seen[0], rtol=0, atol=0)
-    torch.testing.assert_close(seen[3], seen[1], rtol=0, atol=0)
-    assert not torch.equal(seen[0], seen[1])
+    for cached, again in ((seen[0], seen[2]), (seen[1], seen[3])):
+        assert torch.equal(again[0], cached[0])  # the same texts
+        torch.testing.assert_close(again[1], cached[1], rtol=0, atol=0)  # under the same dropout
+    assert not torch.equal(seen[0][1][:2], seen[1][1][:2])
+
+
+def test_length_groups_sort_every_text_of_the_update_and_cut_each_group_to_its_longest(bert_dir):
+    _, tok = _module(bert_dir)
+    examples = _examples(tok, long_odd=True)
+    batches = [_batch(tok, examples[:4]), _batch(tok, examples[4:])]
+    groups = length_groups(batches, tok.pad_token_id)
+    rows = [r for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]) for r in [r[m.bool()]]]
+    assert len(groups) == 2
+    assert sorted(torch.cat([g["rows"] for g in groups]).tolist()) == list(range(len(rows)))  # every row once
+    assert abs(len(groups[0]["rows"]) - len(groups[1]["rows"])) <= 1
+    lengths = [g["attention_mask"].sum(1) for g in groups]
+    assert int(lengths[0].max()) <= int(lengths[1].min())  # the short texts together, then the long ones
+    for g, n in zip(groups, lengths):
+        assert g["input_ids"].shape[1] == int(n.max())  # each group cut to its own longest text
+        for r, length, ids in zip(g["rows"].tolist(), n.tolist(), g["input_ids"]):
+            assert torch.equal(ids[:length], rows[r])
+    padded = lambda bs: sum(b["input_ids"].numel() for b in bs)  # noqa: E731
+    assert padded(groups) < padded(batches)
 
 
 def test_mine_negatives_writes_pairs_with_k_negatives_that_are_not_the_positive(bert_dir, tmp_path):

@@ -88,7 +88,7 @@ def length_chunks(lengths: torch.Tensor, rows: int = CHUNK_ROWS) -> list[tuple[t
 
 
 def embed(module, batch: dict, pooling: str, normalize: bool, extra=None, layout: str = "padded"):
-    """(S, H) float32 embeddings of every sequence (row) of a padded batch, pooled inside the module's forward;
+    """(S, H) float32 (a float64 model: float64) embeddings of every sequence (row) of a padded batch, pooled inside the module's forward;
     with `extra(train_module)`, (embeddings, its result), also computed inside the forward (a learned temperature:
     a parameter that a data-parallel wrapper must see used). `layout` (`embedding_layout`): "padded" rows as they
     are; "sorted": rows of similar length together, each chunk cut to its longest (module docstring); "packed":
@@ -107,7 +107,8 @@ def embed(module, batch: dict, pooling: str, normalize: bool, extra=None, layout
 
     def head_fn(hidden, tm):
         vectors = (pool_packed(hidden[0], lengths, pooling) if layout == "packed" else pool(hidden, mask, pooling))
-        vectors = F.normalize(vectors.float(), dim=-1) if normalize else vectors.float()
+        vectors = vectors if vectors.dtype == torch.float64 else vectors.float()  # float32, or a float64 model's
+        vectors = F.normalize(vectors, dim=-1) if normalize else vectors
         return vectors if extra is None else (vectors, extra(tm))
 
     return forward(module, inputs, head_fn)

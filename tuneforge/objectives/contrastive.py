@@ -11,10 +11,12 @@ The negative pool is the whole update: train.micro_batch_size x train.grad_accum
 torchrun). With one micro-batch the loss is computed directly. With several, cached mini-batching (GradCache,
 Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): `begin_update` embeds
 every micro-batch without gradients, computes the loss of the whole update and its gradient with respect to the
-embeddings; then `loss` re-embeds each micro-batch with gradients under the same random state (dropout masks
-identical in both passes) and back-propagates the surrogate sum(embedding * cached gradient), whose gradient with
-respect to the weights is that of the full-update loss. Memory is that of one micro-batch; gradients equal one
-full-batch pass (tests/objectives/test_contrastive.py).
+embeddings; then `loss` re-embeds with gradients under the same random state (dropout masks identical in both
+passes) and back-propagates the surrogate sum(embedding * cached gradient), whose gradient with respect to the
+weights is that of the full-update loss. The texts embedded together are not the loader's micro-batches but
+`length_groups` of them: every text of the update sorted by length and dealt into as many groups, as many texts
+each, so that each forward pads less (the loss and its gradients do not depend on which texts share a forward).
+Memory is that of one micro-batch; gradients equal one full-batch pass (tests/objectives/test_contrastive.py).
 
 Held-out evaluation adds retrieval over the held-out pairs (eval/retrieval.py): each anchor a query, the
 held-out positives (deduplicated), plus the documents of `contrastive.corpus` when given, the candidates:
@@ -54,6 +56,22 @@ def _replay(state: tuple, device: torch.device):
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], device)
         yield
+
+
+def length_groups(batches: list[dict], pad_id: int) -> list[dict]:
+    """The rows of right-padded `batches`, sorted by length (stable) and dealt into len(batches) groups of
+    consecutive lengths, as many rows each as the batches hold on average (the first groups one more where that
+    does not divide): each group a right-padded batch (input_ids, attention_mask) cut to its longest row, with
+    `rows` its rows' places in the batches' concatenation."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    ids = torch.cat([F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id) for b in batches])
+    mask = torch.cat([F.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1])) for b in batches])
+    lengths = mask.long().sum(1)
+    groups = []
+    for rows in torch.tensor_split(torch.argsort(lengths, stable=True), len(batches)):
+        longest = int(lengths[rows].max())
+        groups.append({"input_ids": ids[rows, :longest], "attention_mask": mask[rows, :longest], "rows": rows})
+    return groups
 
 
 class _Parts:
@@ -101,12 +119,15 @@ class ContrastiveObjective(Objective):
                                  "entry builds it); this model has none")
         return tm.heads[TEMPERATURE_HEAD]()
 
-    def _parts(self, module, batch: dict) -> _Parts:
+    def _embed(self, module, batch: dict) -> tuple:
+        """(vectors (S, H), temperature) of the rows of a padded batch: a float, or the learned 0-dim tensor."""
         layout = embedding_layout(module, self.packing)
         if not self.learn_temperature:
-            return _Parts(batch, embed(module, batch, self.pooling, self.normalize, layout=layout), self.temperature)
-        vectors, temperature = embed(module, batch, self.pooling, self.normalize, extra=self._learned, layout=layout)
-        return _Parts(batch, vectors, temperature)
+            return embed(module, batch, self.pooling, self.normalize, layout=layout), self.temperature
+        return embed(module, batch, self.pooling, self.normalize, extra=self._learned, layout=layout)
+
+    def _parts(self, module, batch: dict) -> _Parts:
+        return _Parts(batch, *self._embed(module, batch))
 
     def _terms(self, anchors, positives, negatives, texts, temperature):
         candidates = torch.cat([positives, negatives])  # (B + N, H): positives first, then hard negatives
@@ -134,18 +155,29 @@ class ContrastiveObjective(Objective):
         if len(micro_batches) < 2 and world == 1:
             return
         device = micro_batches[0]["input_ids"].device
-        states, parts = [], []
-        for batch in micro_batches:
+        real_batches = [b for b in micro_batches if b.get("is_real", True)]  # padding adds no pairs
+        groups = length_groups(real_batches, self.pad_id) if real_batches else []
+        states, group_vectors, temperature = [], [], None
+        for group in groups:
             states.append(_rng_state(device))
             with torch.no_grad(), autocast():
-                parts.append(self._parts(module, batch))
-        real = [p for p, b in zip(parts, micro_batches) if b.get("is_real", True)]  # padding adds no pairs
-        local = [p.detached() for p in real]
+                vectors, temperature = self._embed(module, group)
+            group_vectors.append(vectors)
+        if not groups:  # this rank's share of the update is all padding: one pass for the temperature's value
+            with torch.no_grad(), autocast():
+                temperature = self._embed(module, micro_batches[0])[1]
+        sizes = [b["input_ids"].shape[0] for b in real_batches]
+        flat = None
+        if groups:
+            flat = group_vectors[0].new_empty((sum(sizes), group_vectors[0].shape[1]))
+            for group, vectors in zip(groups, group_vectors):
+                flat[group["rows"]] = vectors
+        parts = [_Parts(b, v, temperature) for b, v in zip(real_batches, flat.split(sizes))] if groups else []
+        local = [p.detached() for p in parts]
         shares = dist.gather_objects(local) if world > 1 else [local]  # rank order
         everything = [piece for share in shares for piece in share]
         leaves = [torch.cat([piece[k] for piece in everything]).to(device).requires_grad_() for k in range(3)]
         texts = tuple(sum((piece[3][k] for piece in everything), []) for k in range(3))
-        temperature = parts[0].temperature
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.detach().requires_grad_()
         terms = self._terms(*leaves, texts, temperature)
@@ -154,20 +186,26 @@ class ContrastiveObjective(Objective):
         # its share, so that the sum over micro-batches and ranks (DDP averages, the loop multiplies by ranks) is one
         t_grad = temperature.grad / (len(micro_batches) * world) if isinstance(temperature, torch.Tensor) else None
         offsets = [sum(piece[k].shape[0] for share in shares[:dist.rank()] for piece in share) for k in range(3)]
-        for batch, state, p in zip(micro_batches, states, parts):
-            if not batch.get("is_real", True):
-                zeros = [torch.zeros_like(t) for t in (p.anchors, p.positives, p.negatives)]
-                self._cache[id(batch)] = (state, zeros, t_grad, 0.0, {})
-                continue
+        row_grads, results = [], []
+        for batch, p in zip(real_batches, parts):
             sizes = p.sizes()
-            pieces = [leaf.grad[o:o + n] for leaf, o, n in zip(leaves, offsets, sizes)]
+            role = batch["sequence_role"]
+            grad = leaves[0].new_zeros((role.shape[0], leaves[0].shape[1]))
+            for k, (leaf, o, n) in enumerate(zip(leaves, offsets, sizes)):
+                grad[role == (ANCHOR, POSITIVE, NEGATIVE)[k]] = leaf.grad[o:o + n]
+            row_grads.append(grad)
             a0, b = offsets[0], sizes[0]
             sliced = type(terms)(*(t.detach()[a0:a0 + b] for t in (terms.losses, terms.accuracy,
                                                                     terms.positive_similarity,
                                                                     terms.hardest_negative_similarity)))
-            value = float(sliced.losses.sum())
-            self._cache[id(batch)] = (state, pieces, t_grad, value, self._metrics(sliced))
+            results.append((float(sliced.losses.sum()), self._metrics(sliced)))
             offsets = [o + n for o, n in zip(offsets, sizes)]
+        flat_grad = torch.cat(row_grads) if row_grads else None
+        for batch, state, group, (value, metrics) in zip(real_batches, states, groups, results):
+            self._cache[id(batch)] = (state, group, flat_grad[group["rows"]], t_grad, value, metrics)
+        for batch in micro_batches:
+            if not batch.get("is_real", True):  # its own rows again, weighed by zero: every rank runs every forward
+                self._cache[id(batch)] = (_rng_state(device), batch, torch.zeros((), device=device), t_grad, 0.0, {})
 
     def loss(self, module, batch: dict) -> LossOutput:
         cached = self._cache.pop(id(batch), None)
@@ -175,14 +213,13 @@ class ContrastiveObjective(Objective):
             p = self._parts(module, batch)
             terms = self._terms(p.anchors, p.positives, p.negatives, p.texts, p.temperature)
             return LossOutput(terms.losses.sum(), float(terms.losses.numel()), self._metrics(terms))
-        state, (g_anchor, g_positive, g_negative), t_grad, value, metrics = cached
+        state, group, grads, t_grad, value, metrics = cached
         with _replay(state, batch["input_ids"].device):  # the dropout masks of the cached pass
-            p = self._parts(module, batch)
-        surrogate = ((p.anchors * g_anchor).sum() + (p.positives * g_positive).sum()
-                     + (p.negatives * g_negative).sum())
+            vectors, temperature = self._embed(module, group)  # this micro-batch's length group, not its own rows
+        surrogate = (vectors * grads).sum()
         if t_grad is not None:
-            surrogate = surrogate + p.temperature * t_grad
-        count = float(p.anchors.shape[0]) if batch.get("is_real", True) else 0.0
+            surrogate = surrogate + temperature * t_grad
+        count = float((batch["sequence_role"] == ANCHOR).sum()) if batch.get("is_real", True) else 0.0
         if not metrics:  # a padding micro-batch: the same metric names, counted as nothing
             metrics = {k: (0.0, 0.0) for k in ("accuracy", "positive_similarity", "hardest_negative_similarity")}
         return LossOutput(surrogate, count, metrics, value=value)
