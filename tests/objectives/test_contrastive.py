@@ -17,7 +17,8 @@ from tuneforge.errors import DataError
 from tuneforge.models.embedder import embed, pool
 from tuneforge.models.heads import TrainModule
 from tuneforge.models.tiny import make_tiny_bert_dir
-from tuneforge.objectives.contrastive import ContrastiveObjective, _replay, _rng_state, length_groups
+from tuneforge.objectives.contrastive import (ContrastiveObjective, _replay, _rng_state, balanced_sizes,
+                                              length_groups)
 from tuneforge.objectives.contrastive_losses import LearnedTemperature
 from tuneforge.train.loop import accumulate_update, make_autocast
 
@@ -232,6 +233,32 @@ def test_the_objective_re_embeds_each_length_group_with_the_dropout_of_its_cache
     assert not torch.equal(seen[0][1][:2], seen[1][1][:2])
 
 
+@pytest.mark.parametrize("lengths,parts,sizes", [
+    ([5, 5, 5, 5], 2, [2, 2]),
+    ([1, 1, 1, 1, 1, 1, 4, 4], 2, [6, 2]),  # 6 and 8 padded tokens, where 4 rows each would hold 4 and 16
+    ([3, 3, 9], 3, [1, 1, 1]),
+    ([2, 2, 2, 2, 2, 2, 2, 10], 2, [7, 1]),
+    ([1, 2, 3, 4, 5, 6], 1, [6]),
+    ([4, 4, 4, 4, 4, 4], 4, [1, 1, 2, 2]),  # the greedy fill makes 3 groups of 2; the first one is halved
+])
+def test_balanced_sizes_deal_ascending_lengths_into_groups_of_the_least_largest_cost(lengths, parts, sizes):
+    assert balanced_sizes(lengths, parts) == sizes
+
+
+def test_balanced_sizes_finds_the_least_largest_cost_of_every_cut():
+    """Against every way to cut 10 random lengths into 3 consecutive groups: the least largest cost."""
+    import itertools
+    import random
+    rng = random.Random(0)
+    for _ in range(20):
+        lengths = sorted(rng.randint(1, 40) for _ in range(10))
+        cost = lambda sizes: max(n * lengths[sum(sizes[:k + 1]) - 1] for k, n in enumerate(sizes))  # noqa: E731
+        best = min(cost([a, b - a, 10 - b]) for a, b in itertools.combinations(range(1, 10), 2))
+        got = balanced_sizes(lengths, 3)
+        assert len(got) == 3 and sum(got) == 10 and min(got) >= 1
+        assert cost(got) == best
+
+
 def test_length_groups_sort_every_text_of_the_update_and_cut_each_group_to_its_longest(bert_dir):
     _, tok = _module(bert_dir)
     examples = _examples(tok, long_odd=True)
@@ -240,7 +267,7 @@ def test_length_groups_sort_every_text_of_the_update_and_cut_each_group_to_its_l
     rows = [r for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]) for r in [r[m.bool()]]]
     assert len(groups) == 2
     assert sorted(torch.cat([g["rows"] for g in groups]).tolist()) == list(range(len(rows)))  # every row once
-    assert abs(len(groups[0]["rows"]) - len(groups[1]["rows"])) <= 1
+    assert len(groups[0]["rows"]) > len(groups[1]["rows"])  # more short texts together than long ones
     lengths = [g["attention_mask"].sum(1) for g in groups]
     assert int(lengths[0].max()) <= int(lengths[1].min())  # the short texts together, then the long ones
     for g, n in zip(groups, lengths):

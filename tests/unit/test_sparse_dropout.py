@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tuneforge.models.attention import SDPA_NAME, _math_attention, attention_dropout, dropout_sdpa
-from tuneforge.models.dropout import SparseDropout, sparse_dropout, sparse_dropouts, torch_dropouts
+from tuneforge.models.dropout import (SparseDropout, sparse_dropout, sparse_dropout_matmul, sparse_dropouts,
+                                     torch_dropouts)
 from tuneforge.run import sparse_model_dropout
 from tests.unit.test_fused_dropout import _check_bernoulli
 
@@ -174,3 +175,44 @@ def test_without_dropout_nothing_changes():
         m(input_ids=ids).last_hidden_state.sum().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct tensors that autograd keeps for the backward pass of fn()."""
+    kept = {}
+
+    def pack(t):
+        kept[(t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+def test_dropped_matmul_equals_dropout_then_matmul_and_keeps_one_tensor_fewer():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 4, 16, 16, requires_grad=True)
+    value = torch.randn(3, 4, 16, 8, requires_grad=True)
+    grad = torch.randn(3, 4, 16, 8)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+
+        def step():
+            probs = torch.softmax(scores, dim=-1)
+            if fused:
+                return sparse_dropout_matmul(probs, value, 0.3)
+            return torch.matmul(sparse_dropout(probs, 0.3), value)
+
+        out, saved = _saved_bytes(step)
+        scores.grad = value.grad = None
+        out.backward(grad)
+        results.append((out.detach(), scores.grad.clone(), value.grad.clone(), saved))
+    (out0, gs0, gv0, saved0), (out1, gs1, gv1, saved1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-6, atol=1e-6)  # the same draws: the same masks
+    torch.testing.assert_close(gs1, gs0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gv1, gv0, rtol=1e-5, atol=1e-6)
+    probs_bytes = scores.numel() * 4
+    assert saved0 - saved1 == probs_bytes  # the dropped copy of the probabilities is not kept
+    assert torch.equal(sparse_dropout_matmul(scores, value, 0.3, training=False), scores @ value)

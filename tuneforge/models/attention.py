@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneforge.models.dropout import sparse_dropout
+from tuneforge.models.dropout import sparse_dropout_matmul
 
 NAME = "tuneforge_varlen"
 SDPA_NAME = "tuneforge_sdpa"  # transformers' SDPA, with sparse attention dropout on the CPU (`dropout_sdpa`)
@@ -150,8 +150,7 @@ def _math_attention(query, key, value, attention_mask, dropout: float, scaling) 
             scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
         else:
             scores.add_(attention_mask)
-    probs = sparse_dropout(torch.softmax(scores, dim=-1), dropout, True)
-    return torch.matmul(probs, value)
+    return sparse_dropout_matmul(torch.softmax(scores, dim=-1), value, dropout, True)
 
 
 def dropout_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

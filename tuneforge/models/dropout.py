@@ -17,7 +17,10 @@ and cached mini-batching's replay (objectives/contrastive.py) see the same masks
   per-element kernel is the fast one) it is PyTorch's dropout unchanged. `sparse_dropouts(model)` switches a
   model's plain `nn.Dropout` modules to it in place (no parameters, nothing saved changes), `torch_dropouts`
   switches them back.
-- `sparse_dropout(x, p)` is the function, for attention probabilities (models/attention.py "tuneforge_sdpa").
+- `sparse_dropout(x, p)` is the function; `sparse_dropout_matmul(probs, value, p)` the attention's dropped
+  probabilities times its values (models/attention.py "tuneforge_sdpa"), which keeps the probabilities and the
+  positions for the backward pass, not a dropped copy of the probabilities as well (one (..., L, L) tensor per
+  layer fewer).
 
 On by default (`train.sparse_dropout`), off under `train.compile` (its kernels draw their own masks); false
 runs PyTorch's own dropout.
@@ -60,6 +63,45 @@ def sparse_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     if x.device.type != "cpu" or p >= 1.0 or x.numel() == 0:
         return F.dropout(x, p, training)
     return _sparse(x, float(p))
+
+
+class _DroppedMatmulFn(torch.autograd.Function):
+    """dropout(probs, p) @ value that keeps `probs` (which the softmax before it keeps for its own backward
+    anyway: no copy) and the dropped positions instead of the dropped copy, rebuilt in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, probs, value, p):
+        dropped = _draw_dropped(probs, p)  # the draws of `sparse_dropout(probs, p)`: the same masks
+        scale = 1.0 / (1.0 - p)
+        out = torch.matmul(_zero_dropped_(torch.mul(probs.contiguous(), scale), dropped), value)
+        ctx.save_for_backward(probs, value, dropped)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        probs, value, dropped = ctx.saved_tensors
+        g_probs = g_value = None
+        if ctx.needs_input_grad[1]:
+            kept = _zero_dropped_(torch.mul(probs.contiguous(), ctx.scale), dropped)
+            g_value = torch.matmul(kept.transpose(-2, -1), grad_out)
+        if ctx.needs_input_grad[0]:
+            g_probs = _zero_dropped_(torch.matmul(grad_out, value.transpose(-2, -1)).mul_(ctx.scale), dropped)
+        return g_probs, g_value, None
+
+
+@torch.compiler.disable
+def _dropped_matmul(probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+    return _DroppedMatmulFn.apply(probs, value, p)
+
+
+def sparse_dropout_matmul(probs: torch.Tensor, value: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`sparse_dropout(probs, p, training) @ value` (attention: probabilities times values), which in training on
+    the CPU keeps one (..., L, L) tensor fewer for the backward pass: per attention layer, the dropped copy of the
+    probabilities, rebuilt from them and the dropped positions when the gradients are computed."""
+    if not training or p == 0.0 or probs.device.type != "cpu" or p >= 1.0 or probs.numel() == 0:
+        return torch.matmul(sparse_dropout(probs, p, training), value)
+    return _dropped_matmul(probs, value, float(p))
 
 
 class SparseDropout(nn.Dropout):

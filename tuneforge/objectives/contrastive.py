@@ -14,9 +14,10 @@ every micro-batch without gradients, computes the loss of the whole update and i
 embeddings; then `loss` re-embeds with gradients under the same random state (dropout masks identical in both
 passes) and back-propagates the surrogate sum(embedding * cached gradient), whose gradient with respect to the
 weights is that of the full-update loss. The texts embedded together are not the loader's micro-batches but
-`length_groups` of them: every text of the update sorted by length and dealt into as many groups, as many texts
-each, so that each forward pads less (the loss and its gradients do not depend on which texts share a forward).
-Memory is that of one micro-batch; gradients equal one full-batch pass (tests/objectives/test_contrastive.py).
+`length_groups` of them: every text of the update sorted by length and dealt into as many groups, each with an
+even share of the update's tokens (more short texts together than long ones), so that each forward pads less (the
+loss and its gradients do not depend on which texts share a forward). Memory is that of one micro-batch's
+share of the update's tokens; gradients equal one full-batch pass (tests/objectives/test_contrastive.py).
 
 Held-out evaluation adds retrieval over the held-out pairs (eval/retrieval.py): each anchor a query, the
 held-out positives (deduplicated), plus the documents of `contrastive.corpus` when given, the candidates:
@@ -58,17 +59,46 @@ def _replay(state: tuple, device: torch.device):
         yield
 
 
+def balanced_sizes(lengths: list[int], parts: int) -> list[int]:
+    """Sizes of `parts` consecutive groups of ascending `lengths` whose largest cost (rows x longest length: the
+    padded tokens that a group's forward holds) is as small as it can be: the smallest budget that a greedy fill
+    meets in `parts` groups or fewer (binary search), then the costliest groups halved until there are `parts`."""
+    if not 1 <= parts <= len(lengths):
+        raise ValueError(f"cannot deal {len(lengths)} rows into {parts} non-empty groups")
+
+    def fill(budget: int) -> list[int]:
+        sizes, start = [], 0
+        for i, n in enumerate(lengths):
+            if (i - start + 1) * n > budget:  # ascending: the newest row is the group's longest
+                sizes.append(i - start)
+                start = i
+        return sizes + [len(lengths) - start]
+
+    low, high = lengths[-1], len(lengths) * lengths[-1]  # one row of the longest; everything in one group
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(fill(mid)) <= parts else (mid + 1, high)
+    sizes = fill(low)
+    while len(sizes) < parts:
+        ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
+        k = max((k for k in range(len(sizes)) if sizes[k] > 1), key=lambda k: sizes[k] * lengths[ends[k] - 1])
+        sizes[k:k + 1] = [sizes[k] // 2, sizes[k] - sizes[k] // 2]
+    return sizes
+
+
 def length_groups(batches: list[dict], pad_id: int) -> list[dict]:
     """The rows of right-padded `batches`, sorted by length (stable) and dealt into len(batches) groups of
-    consecutive lengths, as many rows each as the batches hold on average (the first groups one more where that
-    does not divide): each group a right-padded batch (input_ids, attention_mask) cut to its longest row, with
-    `rows` its rows' places in the batches' concatenation."""
+    consecutive lengths with equal padded tokens as near as whole rows allow (`balanced_sizes`: more short texts
+    in a group than long ones, so that no group's forward holds more than an even share of the update's tokens):
+    each group a right-padded batch (input_ids, attention_mask) cut to its longest row, with `rows` its rows'
+    places in the batches' concatenation."""
     width = max(b["input_ids"].shape[1] for b in batches)
     ids = torch.cat([F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id) for b in batches])
     mask = torch.cat([F.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1])) for b in batches])
     lengths = mask.long().sum(1)
+    order = torch.argsort(lengths, stable=True)
     groups = []
-    for rows in torch.tensor_split(torch.argsort(lengths, stable=True), len(batches)):
+    for rows in order.split(balanced_sizes(lengths[order].tolist(), len(batches))):
         longest = int(lengths[rows].max())
         groups.append({"input_ids": ids[rows, :longest], "attention_mask": mask[rows, :longest], "rows": rows})
     return groups
