@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     if args.sweep:
         batches = [int(b) for b in args.sweep.split(",")]
         for batch in batches:
-            for side in ("tf-cached", "st-cached"):
+            for side in [s for s in ("tf-cached", "st-cached") if s in sides]:  # --variants narrows the sweep
                 rows.append(run_side(side, args, batch, False, stamp, steps=1, warmup=1))
     else:
         if args.batch % args.mini:

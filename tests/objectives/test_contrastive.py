@@ -94,7 +94,11 @@ def test_cached_mini_batches_give_the_gradients_of_one_full_batch(bert_dir, symm
     assert g_full.keys() == g_cached.keys() and len(g_full) > 10
     assert not learned or "heads.temperature.log_scale" in g_full
     for name in g_full:
-        torch.testing.assert_close(g_cached[name], g_full[name], rtol=1e-5, atol=1e-5, msg=name)
+        # the temperature's gradient is one sum of terms over every anchor's logits, so its float32 rounding (which
+        # the CPU's kernels decide: 2.3e-5 of 0.71 on an AMD EPYC) scales with the loss; the float64 test below
+        # holds it, and every weight, to 1e-10
+        atol = 1e-5 * max(1.0, abs(full.loss_sum)) if name.startswith("heads.") else 1e-5
+        torch.testing.assert_close(g_cached[name], g_full[name], rtol=1e-5, atol=atol, msg=name)
     for key in ("accuracy", "positive_similarity", "hardest_negative_similarity"):
         assert abs(full.metrics[key][0] - cached.metrics[key][0]) < 1e-4, key
 
@@ -224,9 +228,11 @@ def test_the_objective_re_embeds_each_length_group_with_the_dropout_of_its_cache
         return vectors, temperature
 
     monkeypatch.setattr(ContrastiveObjective, "_embed", recording)
-    examples = _examples(tok)
+    examples = _examples(tok, long_odd=True)
     _update(module, objective, [_batch(tok, examples[:4]), _batch(tok, examples[4:])])
     assert len(seen) == 4  # two cached passes, then two passes with gradients
+    # the longest texts' group first, in both passes: the shorter groups' tensors fit in the memory it freed
+    assert seen[0][0].shape[1] > seen[1][0].shape[1] and seen[2][0].shape[1] > seen[3][0].shape[1]
     for cached, again in ((seen[0], seen[2]), (seen[1], seen[3])):
         assert torch.equal(again[0], cached[0])  # the same texts
         torch.testing.assert_close(again[1], cached[1], rtol=0, atol=0)  # under the same dropout
