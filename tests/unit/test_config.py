@@ -67,3 +67,14 @@ def test_a_method_section_for_another_method_is_an_error():
         config_from_dict({"method": "sft", "dpo": {"beta": 0.2}})
     assert "Value error" not in str(info.value)
     assert config_from_dict({"method": "sft", "dpo": {"beta": 0.1}}).dpo.beta == 0.1  # the default: a saved config
+
+
+@pytest.mark.parametrize("override,message", [
+    ("contrastive.temprature=0.1", r"key contrastive.temprature: unknown key \(did you mean contrastive.temperature\?\); "
+                                   r"contrastive takes: pooling, normalize, temperature"),
+    ("tarin.lr=0.1", r"key tarin: unknown key \(did you mean train\?\); the top level takes: method, model"),
+    ("train.zzz=1", r"key train.zzz: unknown key; train takes: output_dir, seed"),
+])
+def test_an_unknown_key_names_its_nearest_known_key_and_its_section(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.errors import ConfigError
@@ -71,6 +73,28 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
                 data[key] = fix(data[key])
 
 
+def _section_keys(loc: tuple) -> list[str]:
+    """The keys the config section at `loc` (a key path without its last part) accepts; [] if not a section."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return []
+        kinds = (field.annotation, *typing.get_args(field.annotation))  # a section, or an optional one
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _unknown_key(loc: tuple) -> str:
+    """'unknown key' with the nearest accepted key of its section, and the section's keys."""
+    known = _section_keys(loc[:-1])
+    if not known:
+        return "unknown key"
+    near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (near[0],)))}?)" if near else ""
+    return f"unknown key{hint}; {'.'.join(map(str, loc[:-1])) or 'the top level'} takes: {', '.join(known)}"
+
+
 def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
@@ -79,6 +103,8 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         key = ".".join(str(p) for p in err["loc"])
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         message = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper around our own checks
+        if err["type"] == "extra_forbidden":
+            message = _unknown_key(tuple(err["loc"]))
         raise ConfigError(f"{message}{more}", key=key or None, source=source) from None
 
 
