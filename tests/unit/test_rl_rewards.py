@@ -238,7 +238,8 @@ def test_config_entries_strings_or_mappings():
 
 @pytest.mark.parametrize("rl, key, message", [
     ({"reward_functions": ["exact_answer"]}, "rl.reward_functions.0.name", "is not \"module:function\""),
-    ({"reward_functions": ["a.b:c", {"name": "m:f", "wieght": 2}]}, "rl.reward_functions.1.wieght", "Extra"),
+    ({"reward_functions": ["a.b:c", {"name": "m:f", "wieght": 2}]}, "rl.reward_functions.1.wieght",
+     "unknown key (did you mean rl.reward_functions.1.weight?)"),
     ({"reward_functions": [{"name": "m:f", "weight": "nan"}]}, "rl.reward_functions.0.weight", "finite"),
     ({"reward_model_weight": float("inf")}, "rl.reward_model_weight", "finite"),
 ])

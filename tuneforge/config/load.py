@@ -73,15 +73,23 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
                 data[key] = fix(data[key])
 
 
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config section a field holds: the model itself, or inside Optional[...], list[...] and the like."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_section_model, typing.get_args(annotation)) if m is not None), None)
+
+
 def _section_keys(loc: tuple) -> list[str]:
     """The keys the config section at `loc` (a key path without its last part) accepts; [] if not a section."""
     model: type[BaseModel] | None = RunConfig
     for part in loc:
+        if isinstance(part, int):  # a list's item: the same section
+            continue
         field = model.model_fields.get(str(part)) if model is not None else None
         if field is None:
             return []
-        kinds = (field.annotation, *typing.get_args(field.annotation))  # a section, or an optional one
-        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        model = _section_model(field.annotation)
     return list(model.model_fields) if model is not None else []
 
 
