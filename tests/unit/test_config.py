@@ -78,3 +78,14 @@ def test_a_method_section_for_another_method_is_an_error():
 def test_an_unknown_key_names_its_nearest_known_key_and_its_section(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_an_override_error_names_the_command_line_and_a_file_error_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epocs: 2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml, key train.epocs: unknown key \(did you mean train.epochs\?\)"):
+        load_config(str(path), ["train.lr=1e-4"])
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"command line, key tarin: unknown key") as err:
+        load_config(str(path), ["tarin.lr=1e-4"])
+    assert "run.yaml" not in str(err.value)

@@ -103,7 +103,21 @@ def _unknown_key(loc: tuple) -> str:
     return f"unknown key{hint}; {'.'.join(map(str, loc[:-1])) or 'the top level'} takes: {', '.join(known)}"
 
 
-def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
+def _reaches(tree, loc: tuple):
+    """The node of the nested `tree` (dicts and lists) at the key path `loc`, or `_reaches` itself if none."""
+    for part in loc:
+        if isinstance(tree, dict) and str(part) in tree:
+            tree = tree[str(part)]
+        elif isinstance(tree, list) and isinstance(part, int) and part < len(tree):
+            tree = tree[part]
+        else:
+            return _reaches
+    return tree
+
+
+def config_from_dict(raw: dict, source: str = "config", overrides: dict | None = None) -> RunConfig:
+    """`overrides`: what the command line set (parse_overrides), merged into `raw` already; an error at a key it
+    set names the command line as its source, not the file."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -113,6 +127,9 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         message = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper around our own checks
         if err["type"] == "extra_forbidden":
             message = _unknown_key(tuple(err["loc"]))
+        node = _reaches(overrides or {}, tuple(err["loc"]))
+        if node is not _reaches and (err["type"] == "extra_forbidden" or not isinstance(node, dict)):
+            source = "command line"  # a value it set, or a key it made up (a section's own checks stay the file's)
         raise ConfigError(f"{message}{more}", key=key or None, source=source) from None
 
 
@@ -132,6 +149,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
         if not isinstance(raw, dict):
             raise ConfigError("top level must be a mapping", source=source)
         _resolve_paths(raw, p.parent)
-    if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
-    return config_from_dict(raw, source)
+    given = parse_overrides(overrides) if overrides else {}
+    if given:
+        raw = _merge(raw, given)
+    return config_from_dict(raw, source, given)
