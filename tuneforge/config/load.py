@@ -103,15 +103,18 @@ def _unknown_key(loc: tuple) -> str:
     return f"unknown key{hint}; {'.'.join(map(str, loc[:-1])) or 'the top level'} takes: {', '.join(known)}"
 
 
+_ABSENT = object()
+
+
 def _reaches(tree, loc: tuple):
-    """The node of the nested `tree` (dicts and lists) at the key path `loc`, or `_reaches` itself if none."""
+    """The node of the nested `tree` (dicts and lists) at the key path `loc`, or _ABSENT if it has none there."""
     for part in loc:
         if isinstance(tree, dict) and str(part) in tree:
             tree = tree[str(part)]
         elif isinstance(tree, list) and isinstance(part, int) and part < len(tree):
             tree = tree[part]
         else:
-            return _reaches
+            return _ABSENT
     return tree
 
 
@@ -128,7 +131,7 @@ def config_from_dict(raw: dict, source: str = "config", overrides: dict | None =
         if err["type"] == "extra_forbidden":
             message = _unknown_key(tuple(err["loc"]))
         node = _reaches(overrides or {}, tuple(err["loc"]))
-        if node is not _reaches and (err["type"] == "extra_forbidden" or not isinstance(node, dict)):
+        if node is not _ABSENT and (err["type"] == "extra_forbidden" or not isinstance(node, dict)):
             source = "command line"  # a value it set, or a key it made up (a section's own checks stay the file's)
         raise ConfigError(f"{message}{more}", key=key or None, source=source) from None
 

@@ -16,8 +16,9 @@ passes) and back-propagates the surrogate sum(embedding * cached gradient), whos
 weights is that of the full-update loss. The texts embedded together are not the loader's micro-batches but
 `length_groups` of them: every text of the update sorted by length and dealt into as many groups, each with an
 even share of the update's tokens (more short texts together than long ones), so that each forward pads less (the
-loss and its gradients do not depend on which texts share a forward), the longest texts' group first. Memory is that of one micro-batch's
-share of the update's tokens; gradients equal one full-batch pass (tests/objectives/test_contrastive.py).
+loss and its gradients do not depend on which texts share a forward), the longest texts' group first. Memory is
+that of one micro-batch's share of the update's tokens; gradients equal one full-batch pass
+(tests/objectives/test_contrastive.py).
 
 Held-out evaluation adds retrieval over the held-out pairs (eval/retrieval.py): each anchor a query, the
 held-out positives (deduplicated), plus the documents of `contrastive.corpus` when given, the candidates:
